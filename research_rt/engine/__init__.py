@@ -1,0 +1,1 @@
+"""Engine, scheduler, requests, sampling parameters and detokenization."""

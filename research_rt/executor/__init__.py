@@ -1,0 +1,1 @@
+"""Model runner, forward batch, attention backends and the sampler."""

@@ -1,0 +1,84 @@
+"""Pure-PyTorch attention over the token-level KV pool (the reference backend; CPU and GPU).
+
+Keys and values are gathered from the pool into a padded [B, KVH, Lk, D] layout with one batched
+index, and `scaled_dot_product_attention` runs over all requests at once with an explicit mask
+(grouped-query heads via `enable_gqa`). No Python loop over requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
+
+
+def build_attention_metadata(
+    mode: ForwardMode,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    kv_rows: torch.Tensor,
+    pad_kv_to: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """kv_indices, attn_mask, q_gather, q_scatter for requests whose slots are `kv_rows[b, :len_b]`.
+
+    Request b has `prefix_lens[b]` cached keys and `extend_lens[b]` new tokens (1 in DECODE); its
+    query i sits at position prefix_lens[b] + i and sees keys [0, prefix_lens[b] + i].
+    """
+    bs = len(prefix_lens)
+    prefix = torch.tensor(prefix_lens, dtype=torch.int64)
+    extend = torch.tensor(extend_lens, dtype=torch.int64)
+    seq = prefix + extend
+    lk = int(seq.max()) if pad_kv_to is None else pad_kv_to
+    lq = int(extend.max())
+    key_pos = torch.arange(lk)
+    kv_indices = kv_rows[:, :lk].clone()
+    kv_indices[key_pos[None, :] >= seq[:, None]] = 0
+    q_pos = prefix[:, None] + torch.arange(lq)[None, :]  # [B, Lq]
+    q_valid = torch.arange(lq)[None, :] < extend[:, None]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal, [B, Lq, Lk]
+    mask &= q_valid[:, :, None]
+    mask[:, :, 0] |= ~q_valid  # padded queries look at the dummy key only (no all-masked rows)
+    mask = mask.unsqueeze(1)
+    if mode is ForwardMode.DECODE:
+        return kv_indices, mask, None, None
+    total = int(extend.sum())
+    starts = torch.cumsum(extend, 0) - extend
+    q_gather = starts[:, None] + torch.arange(lq)[None, :]
+    q_gather[~q_valid] = total
+    q_scatter = (torch.arange(bs)[:, None] * lq + torch.arange(lq)[None, :])[q_valid]
+    return kv_indices, mask, q_gather, q_scatter
+
+
+class TorchNativeAttnBackend:
+    """Batched SDPA over gathered KV. Works on any device torch supports."""
+
+    name = "torch_native"
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, batch: ForwardBatch) -> torch.Tensor:
+        pool = batch.kv_pool
+        k_buf = pool.k_buffers[layer.layer_id]
+        v_buf = pool.v_buffers[layer.layer_id]
+        k_buf.index_copy_(0, batch.out_cache_loc, k.to(k_buf.dtype))
+        v_buf.index_copy_(0, batch.out_cache_loc, v.to(v_buf.dtype))
+
+        bs = batch.batch_size
+        keys = k_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)  # [B, KVH, Lk, D]
+        values = v_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)
+        if batch.mode is ForwardMode.DECODE:
+            queries = q.view(bs, 1, layer.num_heads, layer.head_dim).transpose(1, 2)
+        else:
+            padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.q_gather]  # [B, Lq, H, D]
+            queries = padded.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=batch.attn_mask,
+            scale=layer.scaling,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )  # [B, H, Lq, D]
+        out = out.transpose(1, 2).reshape(-1, layer.num_heads * layer.head_dim)
+        if batch.mode is ForwardMode.DECODE:
+            return out
+        return out[batch.q_scatter]

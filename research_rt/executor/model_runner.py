@@ -1,0 +1,121 @@
+"""ModelRunner: the model, its KV storage, and one forward step from a list of requests.
+
+The scheduler decides *which* tokens run; the runner turns that into a ForwardBatch (flat token
+ids, positions, KV slots, attention metadata), runs the model (eager, or the compiled decode step),
+and returns logits for the rows the scheduler asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from research_rt.cache.kv_pool import KVPool, ReqToTokenPool
+from research_rt.engine.req import Req
+from research_rt.executor.attention_backend import TorchNativeAttnBackend, build_attention_metadata
+from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
+from research_rt.executor.sampler import Sampler
+from research_rt.loader.model_loader import load_model
+from research_rt.loader.resolve import ModelSource
+from research_rt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+CPU_KV_CAP_BYTES = 3 << 29  # 1.5 GiB: zeroing more costs seconds at start-up on CPU
+
+
+@dataclass
+class StepInput:
+    """One request's share of a step: tokens fill_ids[start:start+length] at those positions."""
+
+    req: Req
+    start: int
+    length: int
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, source: ModelSource, config: Any) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
+        self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
+        self.context_len = args.context_length or int(config.max_position_embeddings)
+        attn = self.model.model.layers[0].self_attn
+        self.num_layers = len(self.model.model.layers)
+        self.kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        self.max_total_num_tokens = self._pool_size()
+        self.kv_pool = KVPool(
+            self.max_total_num_tokens, self.num_layers, self.kv_heads, self.head_dim, self.dtype, self.device
+        )
+        max_reqs = args.max_running_requests or max(1, min(self.max_total_num_tokens // 2, 256))
+        self.max_running_requests = max_reqs
+        self.req_to_token = ReqToTokenPool(max_reqs, self.context_len, self.device)
+        self.attn_backend = TorchNativeAttnBackend()
+        self.sampler = Sampler()
+        logger.info(
+            "KV cache pool: %d tokens, %.1f MB (%s)",
+            self.max_total_num_tokens,
+            self.max_total_num_tokens * self.kv_pool.bytes_per_token() / 1e6,
+            self.dtype,
+        )
+
+    def _pool_size(self) -> int:
+        bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        if self.args.max_total_tokens:
+            return int(self.args.max_total_tokens)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            frac = self.args.mem_fraction_static or 0.88
+            budget = free * frac - torch.cuda.memory_allocated(self.device) * (1 - frac)
+        else:
+            available = psutil.virtual_memory().available
+            budget = available * self.args.mem_fraction_static if self.args.mem_fraction_static else min(
+                available * 0.25, CPU_KV_CAP_BYTES
+            )
+        return max(int(budget // bytes_per_token), 256)
+
+    # ------------------------------------------------------------------ steps
+    def make_batch(self, mode: ForwardMode, items: list[StepInput], out_cache_loc: torch.Tensor) -> ForwardBatch:
+        ids, pos = [], []
+        for it in items:
+            ids.extend(it.req.fill_ids[it.start : it.start + it.length])
+            pos.extend(range(it.start, it.start + it.length))
+        rows = torch.tensor([it.req.req_pool_row for it in items], dtype=torch.int64)
+        kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
+            mode,
+            [it.start for it in items],
+            [it.length for it in items],
+            self.req_to_token.table[rows],
+        )
+        return ForwardBatch(
+            mode=mode,
+            batch_size=len(items),
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(pos, dtype=torch.int64, device=self.device),
+            out_cache_loc=out_cache_loc.to(self.device),
+            kv_indices=kv_indices.to(self.device),
+            attn_mask=mask.to(self.device),
+            q_gather=None if q_gather is None else q_gather.to(self.device),
+            q_scatter=None if q_scatter is None else q_scatter.to(self.device),
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the model; return (logits for `logit_rows` of the flat tokens, their hidden states)."""
+        hidden = self.model(batch.input_ids, batch.positions, batch)
+        selected = hidden[logit_rows.to(hidden.device)]
+        return self.model.compute_logits(selected).cpu(), selected
+
+    # ------------------------------------------------------------------ weights
+    def update_weights(self, source: ModelSource, load_format: str) -> None:
+        """Load a checkpoint into the existing parameters (storage kept)."""
+        from research_rt.loader.model_loader import load_weights_into
+
+        with torch.inference_mode():
+            load_weights_into(self.model, source, load_format, progress=False)

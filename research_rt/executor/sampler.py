@@ -1,0 +1,90 @@
+"""Sampling from logits, in pure torch, with per-request parameters as batch tensors.
+
+Order (as SGLang): custom logit processors -> penalties (repetition, frequency, presence) ->
+min_new_tokens (stop ids masked) -> temperature -> top-k, top-p, min-p -> draw. Greedy requests take
+the argmax of the penalised logits. Each sampled request draws from its own `torch.Generator`, so
+a seeded request gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from research_rt.engine.req import Req
+
+
+@dataclass
+class SampleResult:
+    next_ids: list[int]
+    logprobs: torch.Tensor | None  # [B, V] log-probabilities of the sampled-from distribution
+
+
+def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    """Repetition (multiplicative, over prompt + output), frequency and presence (over output)."""
+    if not any(
+        r.sampling.repetition_penalty != 1.0 or r.sampling.frequency_penalty or r.sampling.presence_penalty
+        for r in reqs
+    ):
+        return logits
+    bs, vocab = logits.shape
+    counts = torch.zeros(bs, vocab, dtype=torch.float32)
+    seen = torch.zeros(bs, vocab, dtype=torch.bool)
+    for i, r in enumerate(reqs):
+        if r.output_ids:
+            out = torch.tensor(r.output_ids, dtype=torch.int64)
+            counts[i].index_add_(0, out, torch.ones(len(out)))
+        if r.sampling.repetition_penalty != 1.0:
+            seen[i, torch.tensor(r.fill_ids, dtype=torch.int64)] = True
+    rep = torch.tensor([r.sampling.repetition_penalty for r in reqs], dtype=torch.float32)[:, None]
+    freq = torch.tensor([r.sampling.frequency_penalty for r in reqs], dtype=torch.float32)[:, None]
+    pres = torch.tensor([r.sampling.presence_penalty for r in reqs], dtype=torch.float32)[:, None]
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalised, logits)
+    return logits - freq * counts - pres * (counts > 0).float()
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero out tokens outside top-k, the top-p nucleus and below min_p x max; renormalise."""
+    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+    ranks = torch.arange(probs.shape[-1])[None, :]
+    cum_before = sorted_probs.cumsum(-1) - sorted_probs
+    keep = (ranks < top_k[:, None]) & (cum_before < top_p[:, None])
+    keep &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
+    keep[:, 0] = True
+    sorted_probs = sorted_probs * keep
+    out = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+    return out / out.sum(-1, keepdim=True)
+
+
+class Sampler:
+    def __call__(self, logits: torch.Tensor, reqs: list[Req], want_logprobs: bool) -> SampleResult:
+        logits = logits.float()
+        for i, r in enumerate(reqs):
+            if r.logit_processor is not None:
+                logits[i] = r.logit_processor(logits[i], r)
+        logits = apply_penalties(logits, reqs)
+        for i, r in enumerate(reqs):
+            if len(r.output_ids) < r.sampling.min_new_tokens:
+                stop = sorted((set(r.stop_ids) | set(r.sampling.stop_token_ids or [])) - {None})
+                if stop:
+                    logits[i, torch.tensor(stop, dtype=torch.int64)] = float("-inf")
+        temps = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)[:, None]
+        scaled = logits / temps
+        logprobs = torch.log_softmax(scaled, dim=-1) if want_logprobs else None
+
+        next_ids = scaled.argmax(dim=-1).tolist()
+        sampled = [i for i, r in enumerate(reqs) if not r.sampling.is_greedy]
+        if sampled:
+            idx = torch.tensor(sampled, dtype=torch.int64)
+            probs = torch.softmax(scaled[idx], dim=-1)
+            probs = filter_probs(
+                probs,
+                torch.tensor([reqs[i].sampling.top_k for i in sampled], dtype=torch.int64),
+                torch.tensor([reqs[i].sampling.top_p for i in sampled], dtype=torch.float32),
+                torch.tensor([reqs[i].sampling.min_p for i in sampled], dtype=torch.float32),
+            )
+            for row, i in enumerate(sampled):
+                next_ids[i] = int(torch.multinomial(probs[row], 1, generator=reqs[i].generator))
+        return SampleResult(next_ids, logprobs)

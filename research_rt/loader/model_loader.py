@@ -1,0 +1,139 @@
+"""Build a model from a ModelSource: config, tokenizer, module in the target dtype, weights."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from research_rt.loader.resolve import ModelSource
+from research_rt.loader.weights import count_gguf, count_safetensors, iterate_gguf, iterate_safetensors
+from research_rt.models.registry import resolve_model_class
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    config: Any
+    dtype: torch.dtype
+
+
+def load_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    if source.is_gguf:
+        config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+        if not getattr(config, "architectures", None):  # GGUF metadata names the family, not the class
+            config.architectures = [GGUF_ARCHITECTURES.get(config.model_type, config.model_type)]
+        return config
+    return AutoConfig.from_pretrained(str(source.directory))
+
+
+def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer_path and tokenizer_path != source.path:
+        from research_rt.loader.resolve import resolve_model_path
+
+        source = resolve_model_path(tokenizer_path)
+    if source.is_gguf:
+        return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
+    return AutoTokenizer.from_pretrained(str(source.directory))
+
+
+def resolve_dtype(dtype: str, config: Any, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device == "cpu":
+        return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    cfg = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(cfg, str):
+        cfg = DTYPES.get(cfg)
+    return torch.float16 if cfg in (None, torch.float32) else cfg
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(config: Any, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    cls = resolve_model_class(getattr(config, "architectures", None))
+    with _default_dtype(dtype), torch.device(device):
+        model = cls(config)
+    return model.eval().requires_grad_(False)
+
+
+def weight_iterator(source: ModelSource, load_format: str) -> tuple[Any, int]:
+    fmt = load_format
+    if fmt == "auto":
+        fmt = "gguf" if source.is_gguf else "safetensors"
+    if fmt == "gguf":
+        if not source.is_gguf:
+            raise ValueError(f"load_format gguf needs a .gguf file, got {source.path}")
+        file = source.directory / source.gguf_file  # type: ignore[operator]
+        return iterate_gguf(file), count_gguf(file)
+    if fmt == "safetensors":
+        return iterate_safetensors(source.directory), count_safetensors(source.directory)
+    raise ValueError(f"unsupported load_format {load_format!r}")
+
+
+def load_weights_into(model: torch.nn.Module, source: ModelSource, load_format: str, progress: bool = True) -> None:
+    """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays valid)."""
+    if load_format == "dummy":
+        gen = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        return
+    weights, total = weight_iterator(source, load_format)
+    bar = tqdm(weights, total=total, desc="Loading weights", disable=not progress, unit="tensor")
+    loaded = model.load_weights(bar)
+    missing = model.expected_weights() - loaded
+    if missing:
+        raise ValueError(f"checkpoint {source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def load_model(source: ModelSource, dtype: str, device: str, load_format: str = "auto", config: Any = None) -> LoadedModel:
+    config = config or load_config(source)
+    torch_dtype = resolve_dtype(dtype, config, device)
+    model = build_model(config, torch_dtype, device)
+    load_weights_into(model, source, load_format)
+    logger.info("Loaded %s (%s, %.1fM parameters)", source.path, torch_dtype,
+                sum(p.numel() for p in model.parameters()) / 1e6)
+    return LoadedModel(model, config, torch_dtype)

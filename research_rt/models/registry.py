@@ -1,0 +1,42 @@
+"""Model registry keyed by the `architectures` field of a checkpoint's config.
+
+A researcher registers a modified class from their own script, no edit inside the package:
+
+    @research_rt.register_model("LlamaForCausalLM", override=True)
+    class MyLlama(research_rt.models.llama.LlamaForCausalLM): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_model(architecture: str, override: bool = False) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        if architecture in _REGISTRY and not override and _REGISTRY[architecture] is not cls:
+            raise ValueError(f"{architecture} is already registered ({_REGISTRY[architecture].__name__}); pass override=True")
+        _REGISTRY[architecture] = cls
+        return cls
+
+    return wrap
+
+
+def supported_architectures() -> list[str]:
+    _import_builtin_models()
+    return sorted(_REGISTRY)
+
+
+def resolve_model_class(architectures: list[str] | None) -> type:
+    _import_builtin_models()
+    for arch in architectures or []:
+        if arch in _REGISTRY:
+            return _REGISTRY[arch]
+    raise ValueError(
+        f"Unsupported model architecture {architectures}. Supported: {', '.join(sorted(_REGISTRY))}."
+    )
+
+
+def _import_builtin_models() -> None:
+    from research_rt.models import llama, qwen2, qwen3  # noqa: F401

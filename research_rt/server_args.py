@@ -1,0 +1,140 @@
+"""ServerArgs: every knob of the runtime, with SGLang's flag names and defaults.
+
+The same frozen dataclass configures the offline `Engine` (as keyword arguments) and the HTTP
+server (as `--flag-name` command-line options). Fields left as `None` are resolved by
+`ServerArgs.resolved()` once the model and device are known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight")
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    tokenizer_path: str | None = None
+    load_format: str = "auto"
+    dtype: str = "auto"
+    kv_cache_dtype: str = "auto"
+    context_length: int | None = None
+    is_embedding: bool = False
+    skip_tokenizer_init: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
+    chat_template: str | None = None
+    served_model_name: str | None = None
+    device: str = "auto"
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    stream_interval: int = 1
+    stream_output: bool = False
+    enable_metrics: bool = False
+    enable_cache_report: bool = False
+    log_level: str = "info"
+    log_level_http: str | None = None
+    log_requests: bool = False
+    watchdog_timeout: float = 300.0
+    allow_auto_truncate: bool = False
+    file_storage_path: str = "sglang_storage"
+
+    # Memory and scheduling
+    mem_fraction_static: float | None = None
+    max_total_tokens: int | None = None
+    chunked_prefill_size: int | None = None
+    max_prefill_tokens: int = 16384
+    max_running_requests: int | None = None
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    page_size: int = 1
+    random_seed: int | None = None
+
+    # Compile and graphs
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int | None = None
+    disable_overlap_schedule: bool = False
+    attention_backend: str | None = None
+    sampling_backend: str | None = None
+
+    # Features
+    enable_custom_logit_processor: bool = False
+    grammar_backend: str | None = None
+    tp_size: int = 1
+    dp_size: int = 1
+
+    # research_rt extras
+    decode_log_interval: int = 40
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(f"schedule_policy must be one of {SCHEDULE_POLICIES}, got {self.schedule_policy!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.page_size != 1:
+            raise ValueError("only page_size 1 is supported")
+        if self.random_seed is None:
+            object.__setattr__(self, "random_seed", random.randint(0, 1 << 30))
+        if self.device == "auto":
+            import torch
+
+            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+        if self.chunked_prefill_size is None:
+            object.__setattr__(self, "chunked_prefill_size", 2048 if self.device == "cuda" else 512)
+        if self.cuda_graph_max_bs is None:
+            object.__setattr__(self, "cuda_graph_max_bs", 160)
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add one `--flag-name` per field, with SGLang's spelling."""
+        for f in dataclasses.fields(ServerArgs):
+            if f.name == "extra":
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.type in ("bool",) or isinstance(default, bool):
+                parser.add_argument(flag, action="store_true", default=default)
+                continue
+            kind = _cli_type(f.type)
+            kwargs: dict[str, Any] = {"type": kind, "default": default}
+            if f.name == "schedule_policy":
+                kwargs["choices"] = SCHEDULE_POLICIES
+            elif f.name == "dtype":
+                kwargs["choices"] = DTYPES
+            elif f.name == "load_format":
+                kwargs["choices"] = LOAD_FORMATS
+            parser.add_argument(flag, **kwargs)
+
+    @staticmethod
+    def from_cli_args(args: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in dataclasses.fields(ServerArgs)} - {"extra"}
+        return ServerArgs(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _cli_type(annotation: str) -> type:
+    if "float" in annotation:
+        return float
+    if "int" in annotation:
+        return int
+    return str
