@@ -101,3 +101,15 @@ def tiny_engine(tiny_llama_dir):
     engine = research_rt.Engine(str(tiny_llama_dir), dtype="float32", random_seed=0)
     yield engine
     engine.shutdown()
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """transformers greedy continuation that, like `ignore_eos`, neither stops at nor suppresses EOS."""
+    out: list[int] = []
+    with torch.no_grad():
+        res = model(torch.tensor([prompt]), use_cache=True)
+        for _ in range(new_tokens):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            res = model(torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True)
+    return out

@@ -84,9 +84,11 @@ class Scheduler:
         self._decode_log_start = time.monotonic()
         self.num_prefill_tokens = 0
         self.num_cached_tokens = 0
+        self.num_retractions = 0
         self.step_hooks: list[Callable[[Scheduler], None]] = []
 
     # ================================================================ loop
+    @torch.inference_mode()
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
@@ -356,6 +358,7 @@ class Scheduler:
     def _retract(self, req: Req) -> None:
         logger.info("Retract request %s (%d tokens computed) back to the queue", req.rid, req.kv_len)
         self._release(req)
+        self.num_retractions += 1
         req.is_retracted = True
         self.waiting.insert(0, req)
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO * self.args.schedule_conservativeness

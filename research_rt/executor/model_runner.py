@@ -25,6 +25,7 @@ from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
+CPU_MAX_POOL_TOKENS = 1 << 18
 CPU_KV_CAP_BYTES = 3 << 29  # 1.5 GiB: zeroing more costs seconds at start-up on CPU
 
 
@@ -76,7 +77,7 @@ class ModelRunner:
             budget = available * self.args.mem_fraction_static if self.args.mem_fraction_static else min(
                 available * 0.25, CPU_KV_CAP_BYTES
             )
-        return max(int(budget // bytes_per_token), 256)
+        return max(min(int(budget // bytes_per_token), CPU_MAX_POOL_TOKENS if self.device.type == "cpu" else 1 << 40), 256)
 
     # ------------------------------------------------------------------ steps
     def make_batch(self, mode: ForwardMode, items: list[StepInput], out_cache_loc: torch.Tensor) -> ForwardBatch:

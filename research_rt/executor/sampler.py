@@ -60,7 +60,7 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Req], want_logprobs: bool) -> SampleResult:
-        logits = logits.float()
+        logits = logits.float().clone()  # edited in place below; the model's output may be an inference tensor
         for i, r in enumerate(reqs):
             if r.logit_processor is not None:
                 logits[i] = r.logit_processor(logits[i], r)

@@ -94,7 +94,7 @@ def iterate_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         data = np.asarray(data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
         if arch in _GGUF_PERMUTED_ARCHS and hf.endswith(("q_proj.weight", "k_proj.weight")):
             data = _unpermute(data, n_head if "q_proj" in hf else n_kv)
-        yield hf, torch.from_numpy(np.ascontiguousarray(data))
+        yield hf, torch.from_numpy(np.array(data, copy=True))  # writable, contiguous
 
 
 def count_gguf(file: Path) -> int:

@@ -1,0 +1,115 @@
+"""Greedy output must not change with radix-cache hits, chunk size, batch composition or retraction."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import research_rt
+
+GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+
+
+def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, 49000) for _ in range(shared)]
+    return [prefix + [rng.randrange(3, 49000) for _ in range(length - shared)] for _ in range(n)]
+
+
+def run_each(engine, items: list[list[int]], params=GREEDY) -> list[list[int]]:
+    return [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in items]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_engine):
+    """One-at-a-time outputs on an empty cache."""
+    items = prompts(16, 70, seed=1, shared=40)
+    outs = []
+    for p in items:
+        tiny_engine.flush_cache()
+        outs.append(tiny_engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"])
+    tiny_engine.check_pool_integrity()
+    return items, outs
+
+
+def test_cache_hit_matches_miss(tiny_engine, reference):
+    items, ref = reference
+    tiny_engine.flush_cache()
+    first = tiny_engine.generate(input_ids=items[0], sampling_params=GREEDY)
+    again = tiny_engine.generate(input_ids=items[0], sampling_params=GREEDY)
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert again["meta_info"]["cached_tokens"] == len(items[0]) - 1
+    assert first["output_ids"] == again["output_ids"] == ref[0]
+    # a different prompt sharing the 40-token prefix reuses it and still matches its cold output
+    other = tiny_engine.generate(input_ids=items[1], sampling_params=GREEDY)
+    assert other["meta_info"]["cached_tokens"] >= 40
+    assert other["output_ids"] == ref[1]
+    tiny_engine.check_pool_integrity()
+
+
+def test_batch_matches_one_at_a_time(tiny_engine, reference):
+    items, ref = reference
+    tiny_engine.flush_cache()
+    outs = tiny_engine.generate(input_ids=items, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in outs] == ref
+    tiny_engine.check_pool_integrity()
+
+
+def test_small_chunks_match(tiny_llama_dir, reference):
+    items, ref = reference
+    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", chunked_prefill_size=16) as engine:
+        assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
+        assert run_each(engine, items[:4]) == ref[:4]
+        engine.check_pool_integrity()
+
+
+def test_retraction_under_tiny_pool_matches(tiny_llama_dir, reference):
+    items, ref = reference
+    # 16 requests x (70 prompt + 24 new) tokens need ~1500 slots; 400 forces eviction and retraction
+    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", max_total_tokens=400) as engine:
+        outs = engine.generate(input_ids=items, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == ref
+        assert engine.scheduler.num_retractions > 0
+        engine.check_pool_integrity()
+
+
+def test_disabled_radix_cache_never_shares(tiny_llama_dir, reference):
+    items, ref = reference
+    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", disable_radix_cache=True) as engine:
+        a = engine.generate(input_ids=items[0], sampling_params=GREEDY)
+        b = engine.generate(input_ids=items[0], sampling_params=GREEDY)
+        assert a["meta_info"]["cached_tokens"] == b["meta_info"]["cached_tokens"] == 0
+        assert a["output_ids"] == b["output_ids"] == ref[0]
+        assert engine.scheduler.kv_pool.available_size() == engine.scheduler.kv_pool.size
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "lpm"])
+def test_policies_give_same_outputs(tiny_llama_dir, reference, policy):
+    items, ref = reference
+    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", schedule_policy=policy,
+                            max_running_requests=4) as engine:
+        assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
+        engine.check_pool_integrity()
+
+
+@pytest.mark.slow
+def test_smollm2_invariance():
+    """The real model in float32: cache hit, chunk 16 and a concurrent batch give identical text."""
+    base = research_rt.Engine(dtype="float32")
+    tok = base.tokenizer
+    qs = ["Name a planet.", "What is 2+2?", "Say hello in Spanish.", "What color is the sky?"]
+    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in qs]
+    params = {"temperature": 0, "max_new_tokens": 20}
+    try:
+        alone = [base.generate(t, params)["text"] for t in texts]
+        hits = [base.generate(t, params) for t in texts]
+        assert [h["text"] for h in hits] == alone
+        assert all(h["meta_info"]["cached_tokens"] > 0 for h in hits)
+        base.check_pool_integrity()
+    finally:
+        base.shutdown()
+    with research_rt.Engine(dtype="float32", chunked_prefill_size=16) as chunked:
+        assert [o["text"] for o in chunked.generate(texts, params)] == alone
+        chunked.check_pool_integrity()
