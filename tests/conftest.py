@@ -45,13 +45,17 @@ TINY_CONFIGS = {
 }
 
 
-def make_tiny_checkpoint(name: str, path: Path, vocab_size: int = 512, seed: int = 0, tokenizer_dir: Path | None = None) -> Path:
+def make_tiny_checkpoint(
+    name: str, path: Path, vocab_size: int = 512, seed: int = 0, tokenizer_dir: Path | None = None
+) -> Path:
     """Save a random-weight `transformers` model of architecture `name` (a TINY_CONFIGS key) to `path`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(TINY_CONFIGS[name])
     model_type = spec.pop("model_type")
-    config = AutoConfig.for_model(model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **TINY_COMMON, **spec)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, **TINY_COMMON, **spec
+    )
     config.architectures = [name.split("-")[0]]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

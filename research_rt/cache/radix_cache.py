@@ -189,7 +189,10 @@ class RadixCache:
         for n in nodes:
             assert len(n.key) == len(n.value), "key/value length mismatch"
             for child in n.children.values():
-                assert child.parent is n and n.lock_ref >= child.lock_ref
+                assert child.parent is n
+                assert n is self.root or n.lock_ref >= child.lock_ref, (
+                    "a parent is locked less than its child"
+                )
         if expect_idle:
             assert protected == 0, f"{protected} tokens still locked while idle"
             free = self.kv_pool.available_size()

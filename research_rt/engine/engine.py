@@ -39,20 +39,27 @@ class Engine:
         self.source = resolve_model_path(args.model_path)
         self.model_path = args.model_path or self.source.path
         config = load_config(self.source)
-        self.tokenizer = None if args.skip_tokenizer_init else load_tokenizer(self.source, args.tokenizer_path)
+        self.tokenizer = (
+            None if args.skip_tokenizer_init else load_tokenizer(self.source, args.tokenizer_path)
+        )
         self.runner = ModelRunner(args, self.source, config)
         self.config = config
         self.context_len = self.runner.context_len
         self.front = TokenizerFront(
-            self.tokenizer, args, config, self.context_len, self.runner.max_total_num_tokens,
+            self.tokenizer,
+            args,
+            config,
+            self.context_len,
+            self.runner.max_total_num_tokens,
             eos_token_ids(config, self.tokenizer, _generation_eos(self.source)),
         )
         self._sinks: dict[str, Callable[[ReqOutput], None]] = {}
         self._sinks_lock = threading.Lock()
         self.scheduler = Scheduler(self.runner, self.tokenizer, args, self._on_output)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self.scheduler.run_forever, args=(self._stop,), daemon=True,
-                                        name="research_rt-scheduler")
+        self._thread = threading.Thread(
+            target=self.scheduler.run_forever, args=(self._stop,), daemon=True, name="research_rt-scheduler"
+        )
         self._thread.start()
 
     # ---------------------------------------------------------------- plumbing
@@ -78,8 +85,13 @@ class Engine:
         groups, single = self.front.make_reqs(obj)
         flat = [r for g in groups for r in g]
         if any(len(g) > 1 for g in groups) and not self.server_args.disable_radix_cache:
-            warm = [self.front.make_reqs(GenerateInput(input_ids=g[0].input_ids, sampling_params={"max_new_tokens": 0}))[0][0][0]
-                    for g in groups if len(g) > 1]
+            warm = [
+                self.front.make_reqs(
+                    GenerateInput(input_ids=g[0].input_ids, sampling_params={"max_new_tokens": 0})
+                )[0][0][0]
+                for g in groups
+                if len(g) > 1
+            ]
             pending = {r.rid for r in warm}
             lock = threading.Lock()
 
@@ -121,9 +133,15 @@ class Engine:
         """Same inputs and outputs as `/generate` (a dict, a list for a batch, or an iterator of
         cumulative chunks with `stream=True`)."""
         obj = GenerateInput(
-            text=prompt, input_ids=input_ids, sampling_params=sampling_params, return_logprob=return_logprob,
-            logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-            token_ids_logprob=token_ids_logprob, stream=stream, **kwargs,
+            text=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            token_ids_logprob=token_ids_logprob,
+            stream=stream,
+            **kwargs,
         )
         events: queue.Queue[ReqOutput] = queue.Queue()
         reqs, single = self._start(obj, events.put)
@@ -137,7 +155,9 @@ class Engine:
         results = [final[i] for i in range(len(reqs))]
         return results[0] if single else results
 
-    async def async_generate(self, obj: GenerateInput, stream_incremental_ids: bool = False) -> AsyncIterator[Event]:
+    async def async_generate(
+        self, obj: GenerateInput, stream_incremental_ids: bool = False
+    ) -> AsyncIterator[Event]:
         """Yield (index, response, finished) as outputs arrive; aborts its requests if cancelled."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[ReqOutput] = asyncio.Queue()
@@ -149,8 +169,12 @@ class Engine:
             while remaining:
                 out = await events.get()
                 i = index_of[out.req.rid]
-                resp = self.front.response(out.req, out.text, obj.return_text_in_logprobs,
-                                           sent[out.req.rid] if stream_incremental_ids else 0)
+                resp = self.front.response(
+                    out.req,
+                    out.text,
+                    obj.return_text_in_logprobs,
+                    sent[out.req.rid] if stream_incremental_ids else 0,
+                )
                 sent[out.req.rid] = len(out.req.output_ids)
                 if out.finished:
                     remaining.discard(out.req.rid)
@@ -159,7 +183,9 @@ class Engine:
             for rid in remaining:
                 self.abort_request(rid)
 
-    def _collect(self, reqs: list[Req], single: bool, obj: GenerateInput, get: Callable[[], ReqOutput]) -> Iterator[Event]:
+    def _collect(
+        self, reqs: list[Req], single: bool, obj: GenerateInput, get: Callable[[], ReqOutput]
+    ) -> Iterator[Event]:
         index_of = {r.rid: i for i, r in enumerate(reqs)}
         remaining = set(index_of)
         while remaining:
@@ -183,7 +209,9 @@ class Engine:
 
     def check_pool_integrity(self) -> None:
         """Assert no KV slot is lost; waits until the scheduler is idle."""
-        self.call_in_scheduler(lambda: self.scheduler.tree.check_integrity(expect_idle=self.scheduler.is_idle()))
+        self.call_in_scheduler(
+            lambda: self.scheduler.tree.check_integrity(expect_idle=self.scheduler.is_idle())
+        )
 
     def get_load(self) -> dict[str, Any]:
         s = self.scheduler

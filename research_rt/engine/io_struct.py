@@ -65,8 +65,15 @@ class GenerateInput:
     def per_item(self, name: str, index: int, batch_size: int) -> Any:
         """A field that may be given once for the batch or as a list, one per item."""
         value = getattr(self, name)
-        if isinstance(value, list) and name not in ("token_ids_logprob",) or (
-            name == "token_ids_logprob" and isinstance(value, list) and value and isinstance(value[0], list)
+        if (
+            isinstance(value, list)
+            and name not in ("token_ids_logprob",)
+            or (
+                name == "token_ids_logprob"
+                and isinstance(value, list)
+                and value
+                and isinstance(value[0], list)
+            )
         ):
             if len(value) != batch_size:
                 raise RequestError(f"{name} has {len(value)} entries for a batch of {batch_size}.")

@@ -25,10 +25,17 @@ class FinishReason:
             return {"type": "stop", "matched": self.matched}
         if self.type == "length":
             return {"type": "length", "length": self.length}
-        return {"type": "abort", "message": self.message, "status_code": self.status_code, "err_type": self.err_type}
+        return {
+            "type": "abort",
+            "message": self.message,
+            "status_code": self.status_code,
+            "err_type": self.err_type,
+        }
 
 
-def abort_reason(message: str, status_code: int | None = 400, err_type: str | None = "BadRequestError") -> FinishReason:
+def abort_reason(
+    message: str, status_code: int | None = 400, err_type: str | None = "BadRequestError"
+) -> FinishReason:
     return FinishReason("abort", message=message, status_code=status_code, err_type=err_type)
 
 

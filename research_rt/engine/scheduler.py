@@ -62,7 +62,9 @@ class Control:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner, tokenizer: Any, args, on_output: Callable[[list[ReqOutput]], None]) -> None:
+    def __init__(
+        self, runner: ModelRunner, tokenizer: Any, args, on_output: Callable[[list[ReqOutput]], None]
+    ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.args = args
@@ -70,7 +72,11 @@ class Scheduler:
         self.kv_pool = runner.kv_pool
         self.req_to_token = runner.req_to_token
         self.tree = RadixCache(self.kv_pool, disable=args.disable_radix_cache)
-        self.chunk_size = args.chunked_prefill_size if args.chunked_prefill_size and args.chunked_prefill_size > 0 else 1 << 30
+        self.chunk_size = (
+            args.chunked_prefill_size
+            if args.chunked_prefill_size and args.chunked_prefill_size > 0
+            else 1 << 30
+        )
         self.max_running = runner.max_running_requests
         self.waiting: list[Req] = []
         self.running: list[Req] = []
@@ -207,7 +213,11 @@ class Scheduler:
                     return items
         if not self.waiting or rem_chunk <= 0:
             return items
-        room = self.kv_pool.available_size() + self.tree.evictable_size - decode_reserve(self.running, self.new_token_ratio)
+        room = (
+            self.kv_pool.available_size()
+            + self.tree.evictable_size
+            - decode_reserve(self.running, self.new_token_ratio)
+        )
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.tree):
             if len(self.running) + len(items) >= self.max_running or self.req_to_token.available_size() == 0:
                 break
@@ -253,7 +263,9 @@ class Scheduler:
 
     def _run_prefill(self, items: list[PrefillItem]) -> None:
         steps = [StepInput(it.req, it.start, it.length) for it in items]
-        out_loc = torch.cat([self.req_to_token.table[it.req.req_pool_row, it.start : it.start + it.length] for it in items])
+        out_loc = torch.cat(
+            [self.req_to_token.table[it.req.req_pool_row, it.start : it.start + it.length] for it in items]
+        )
         batch = self.runner.make_batch(ForwardMode.EXTEND, steps, out_loc)
         # rows whose logits we need: input-logprob positions, and the last token of a finished prefill
         rows, plan = [], []
@@ -282,7 +294,9 @@ class Scheduler:
             if lp_rows:
                 record_input_logprobs(req, logits[first : first + len(lp_rows)], lp_rows)
             if req.return_hidden_states:
-                req.hidden_states.append(hidden[first : first + len(lp_rows) + (sample_row is not None)].float().tolist())
+                req.hidden_states.append(
+                    hidden[first : first + len(lp_rows) + (sample_row is not None)].float().tolist()
+                )
             if sample_row is None:
                 self._cache_unfinished(req)
                 continue
@@ -311,7 +325,12 @@ class Scheduler:
             self.req_to_token.table[req.req_pool_row, req.kv_len] = slot[0]
         steps = [StepInput(r, r.kv_len, 1) for r in self.running]
         out_loc = torch.stack([self.req_to_token.table[r.req_pool_row, r.kv_len] for r in self.running])
-        batch = self.runner.make_batch(ForwardMode.DECODE, steps, out_loc)
+        batch = self.runner.make_batch(
+            ForwardMode.DECODE,
+            steps,
+            out_loc,
+            capture_hidden=any(r.return_hidden_states for r in self.running),
+        )
         logits, hidden = self.runner.forward(batch, torch.arange(len(self.running)))
         for i, req in enumerate(self.running):
             req.kv_len += 1

@@ -16,8 +16,11 @@ from research_rt.engine.sampling_params import SamplingParams
 
 def eos_token_ids(config: Any, tokenizer: Any, generation_eos: Any = None) -> frozenset[int]:
     ids: set[int] = set()
-    for value in (getattr(config, "eos_token_id", None), generation_eos,
-                  getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None):
+    for value in (
+        getattr(config, "eos_token_id", None),
+        generation_eos,
+        getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None,
+    ):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, (list, tuple)):
@@ -26,7 +29,9 @@ def eos_token_ids(config: Any, tokenizer: Any, generation_eos: Any = None) -> fr
 
 
 class TokenizerFront:
-    def __init__(self, tokenizer: Any, args, config: Any, context_len: int, pool_size: int, stop_ids: frozenset[int]) -> None:
+    def __init__(
+        self, tokenizer: Any, args, config: Any, context_len: int, pool_size: int, stop_ids: frozenset[int]
+    ) -> None:
         self.tokenizer = tokenizer
         self.args = args
         self.vocab_size = int(config.vocab_size)
@@ -56,7 +61,11 @@ class TokenizerFront:
         groups = []
         for i, prompt in enumerate(prompts):
             ids = self.tokenize(prompt)
-            sp_dict = obj.per_item("sampling_params", i, bs) if isinstance(obj.sampling_params, list) else obj.sampling_params
+            sp_dict = (
+                obj.per_item("sampling_params", i, bs)
+                if isinstance(obj.sampling_params, list)
+                else obj.sampling_params
+            )
             sp = self.sampling_params(sp_dict)
             self.check_input(ids, sp)
             n = sp.n
@@ -64,7 +73,9 @@ class TokenizerFront:
             reqs = []
             for j in range(n):
                 sp_j = sp if n == 1 else _copy_sampling(sp, j)
-                reqs.append(self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex))
+                reqs.append(
+                    self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex)
+                )
             groups.append(reqs)
         return groups, single
 
@@ -84,7 +95,9 @@ class TokenizerFront:
             raise RequestError("The input is empty (no tokens).")
         bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
         if bad is not None:
-            raise RequestError(f"Token id {bad} in input_ids is outside the vocabulary (size {self.vocab_size}).")
+            raise RequestError(
+                f"Token id {bad} in input_ids is outside the vocabulary (size {self.vocab_size})."
+            )
         if n >= self.context_len:
             raise RequestError(
                 f"The input ({n} tokens) is longer than the model's context length ({self.context_len} tokens)."
@@ -102,7 +115,9 @@ class TokenizerFront:
                 "Use a shorter input or enable --allow-auto-truncate."
             )
 
-    def _make_req(self, obj: GenerateInput, i: int, bs: int, ids: list[int], sp: SamplingParams, rid: str) -> Req:
+    def _make_req(
+        self, obj: GenerateInput, i: int, bs: int, ids: list[int], sp: SamplingParams, rid: str
+    ) -> Req:
         n = len(ids)
         room = self.max_req_len - n - 1
         sp.max_new_tokens = room if sp.max_new_tokens is None else min(sp.max_new_tokens, room)
@@ -137,7 +152,9 @@ class TokenizerFront:
         )
 
     # ---------------------------------------------------------------- responses
-    def response(self, req: Req, text: str | None, with_text_in_logprobs: bool, ids_from: int = 0) -> dict[str, Any]:
+    def response(
+        self, req: Req, text: str | None, with_text_in_logprobs: bool, ids_from: int = 0
+    ) -> dict[str, Any]:
         """The `/generate` response dict for a request's current state."""
         meta: dict[str, Any] = {
             "id": req.rid,
@@ -152,7 +169,9 @@ class TokenizerFront:
                 meta["input_top_logprobs"] = [None if x is None else fmt(x) for x in req.input_top_logprobs]
                 meta["output_top_logprobs"] = [fmt(x) for x in req.output_top_logprobs]
             if req.token_ids_logprob:
-                meta["input_token_ids_logprobs"] = [None if x is None else fmt(x) for x in req.input_token_ids_logprobs]
+                meta["input_token_ids_logprobs"] = [
+                    None if x is None else fmt(x) for x in req.input_token_ids_logprobs
+                ]
                 meta["output_token_ids_logprobs"] = [fmt(x) for x in req.output_token_ids_logprobs]
         meta["completion_tokens"] = len(req.output_ids)
         meta["cached_tokens"] = req.cached_tokens

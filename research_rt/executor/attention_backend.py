@@ -55,7 +55,9 @@ class TorchNativeAttnBackend:
 
     name = "torch_native"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
         pool = batch.kv_pool
         k_buf = pool.k_buffers[layer.layer_id]
         v_buf = pool.v_buffers[layer.layer_id]

@@ -18,6 +18,7 @@ from research_rt.cache.kv_pool import KVPool, ReqToTokenPool
 from research_rt.engine.req import Req
 from research_rt.executor.attention_backend import TorchNativeAttnBackend, build_attention_metadata
 from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
+from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.sampler import Sampler
 from research_rt.loader.model_loader import load_model
 from research_rt.loader.resolve import ModelSource
@@ -57,6 +58,13 @@ class ModelRunner:
         self.req_to_token = ReqToTokenPool(max_reqs, self.context_len, self.device)
         self.attn_backend = TorchNativeAttnBackend()
         self.sampler = Sampler()
+        self.graph_runner: DecodeGraphRunner | None = None
+        use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph
+        if args.enable_torch_compile or use_graphs:
+            max_bs = min(args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs, max_reqs)
+            self.graph_runner = DecodeGraphRunner(
+                self.model, self.kv_pool, self.attn_backend, max_bs, self.device, use_cuda_graph=use_graphs
+            )
         logger.info(
             "KV cache pool: %d tokens, %.1f MB (%s)",
             self.max_total_num_tokens,
@@ -65,7 +73,9 @@ class ModelRunner:
         )
 
     def _pool_size(self) -> int:
-        bytes_per_token = 2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        bytes_per_token = (
+            2 * self.num_layers * self.kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        )
         if self.args.max_total_tokens:
             return int(self.args.max_total_tokens)
         if self.device.type == "cuda":
@@ -74,13 +84,26 @@ class ModelRunner:
             budget = free * frac - torch.cuda.memory_allocated(self.device) * (1 - frac)
         else:
             available = psutil.virtual_memory().available
-            budget = available * self.args.mem_fraction_static if self.args.mem_fraction_static else min(
-                available * 0.25, CPU_KV_CAP_BYTES
+            budget = (
+                available * self.args.mem_fraction_static
+                if self.args.mem_fraction_static
+                else min(available * 0.25, CPU_KV_CAP_BYTES)
             )
-        return max(min(int(budget // bytes_per_token), CPU_MAX_POOL_TOKENS if self.device.type == "cpu" else 1 << 40), 256)
+        return max(
+            min(
+                int(budget // bytes_per_token), CPU_MAX_POOL_TOKENS if self.device.type == "cpu" else 1 << 40
+            ),
+            256,
+        )
 
     # ------------------------------------------------------------------ steps
-    def make_batch(self, mode: ForwardMode, items: list[StepInput], out_cache_loc: torch.Tensor) -> ForwardBatch:
+    def make_batch(
+        self,
+        mode: ForwardMode,
+        items: list[StepInput],
+        out_cache_loc: torch.Tensor,
+        capture_hidden: bool = False,
+    ) -> ForwardBatch:
         ids, pos = [], []
         for it in items:
             ids.extend(it.req.fill_ids[it.start : it.start + it.length])
@@ -104,11 +127,17 @@ class ModelRunner:
             q_scatter=None if q_scatter is None else q_scatter.to(self.device),
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
+            capture_hidden=capture_hidden,
         )
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, logit_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the model; return (logits for `logit_rows` of the flat tokens, their hidden states)."""
+        """Run the model; return (logits for `logit_rows` of the flat tokens, their hidden states).
+
+        DECODE batches go through the compiled / graph-captured step when one exists (hidden states
+        are then not returned: a batch that wants them runs eager)."""
+        if self.graph_runner is not None and not batch.capture_hidden and self.graph_runner.can_run(batch):
+            return self.graph_runner.run(batch)[logit_rows.to(self.device)].float().cpu(), None
         hidden = self.model(batch.input_ids, batch.positions, batch)
         selected = hidden[logit_rows.to(hidden.device)]
         return self.model.compute_logits(selected).cpu(), selected

@@ -45,7 +45,9 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     return logits - freq * counts - pres * (counts > 0).float()
 
 
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_probs(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Zero out tokens outside top-k, the top-p nucleus and below min_p x max; renormalise."""
     sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
     ranks = torch.arange(probs.shape[-1])[None, :]
@@ -60,7 +62,9 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Req], want_logprobs: bool) -> SampleResult:
-        logits = logits.float().clone()  # edited in place below; the model's output may be an inference tensor
+        logits = (
+            logits.float().clone()
+        )  # edited in place below; the model's output may be an inference tensor
         for i, r in enumerate(reqs):
             if r.logit_processor is not None:
                 logits[i] = r.logit_processor(logits[i], r)

@@ -114,7 +114,9 @@ def weight_iterator(source: ModelSource, load_format: str) -> tuple[Any, int]:
     raise ValueError(f"unsupported load_format {load_format!r}")
 
 
-def load_weights_into(model: torch.nn.Module, source: ModelSource, load_format: str, progress: bool = True) -> None:
+def load_weights_into(
+    model: torch.nn.Module, source: ModelSource, load_format: str, progress: bool = True
+) -> None:
     """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays valid)."""
     if load_format == "dummy":
         gen = torch.Generator().manual_seed(0)
@@ -129,11 +131,17 @@ def load_weights_into(model: torch.nn.Module, source: ModelSource, load_format: 
         raise ValueError(f"checkpoint {source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
 
 
-def load_model(source: ModelSource, dtype: str, device: str, load_format: str = "auto", config: Any = None) -> LoadedModel:
+def load_model(
+    source: ModelSource, dtype: str, device: str, load_format: str = "auto", config: Any = None
+) -> LoadedModel:
     config = config or load_config(source)
     torch_dtype = resolve_dtype(dtype, config, device)
     model = build_model(config, torch_dtype, device)
     load_weights_into(model, source, load_format)
-    logger.info("Loaded %s (%s, %.1fM parameters)", source.path, torch_dtype,
-                sum(p.numel() for p in model.parameters()) / 1e6)
+    logger.info(
+        "Loaded %s (%s, %.1fM parameters)",
+        source.path,
+        torch_dtype,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
     return LoadedModel(model, config, torch_dtype)

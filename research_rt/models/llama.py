@@ -146,7 +146,9 @@ class LlamaForCausalLM(nn.Module):
             param = params[target]
             dst = param.data if shard is None else self._shard_view(target, param, shard)
             if dst.shape != tensor.shape:
-                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs {tuple(dst.shape)}")
+                raise ValueError(
+                    f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs {tuple(dst.shape)}"
+                )
             dst.copy_(tensor)
             loaded.add(target if shard is None else f"{target}#{shard}")
         return loaded

@@ -16,7 +16,9 @@ _REGISTRY: dict[str, type] = {}
 def register_model(architecture: str, override: bool = False) -> Callable[[type], type]:
     def wrap(cls: type) -> type:
         if architecture in _REGISTRY and not override and _REGISTRY[architecture] is not cls:
-            raise ValueError(f"{architecture} is already registered ({_REGISTRY[architecture].__name__}); pass override=True")
+            raise ValueError(
+                f"{architecture} is already registered ({_REGISTRY[architecture].__name__}); pass override=True"
+            )
         _REGISTRY[architecture] = cls
         return cls
 

@@ -13,7 +13,14 @@ def test_response_shape_and_defaults(tiny_engine):
     out = tiny_engine.generate("Hello there", {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True})
     assert set(out) == {"text", "output_ids", "meta_info"}
     meta = out["meta_info"]
-    assert list(meta) == ["id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"]
+    assert list(meta) == [
+        "id",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "e2e_latency",
+    ]
     assert meta["finish_reason"] == {"type": "length", "length": 5}
     assert meta["completion_tokens"] == len(out["output_ids"]) == 5
     assert meta["prompt_tokens"] == len(tiny_engine.tokenizer.encode("Hello there"))
@@ -36,8 +43,14 @@ def test_logprob_layout_v045(tiny_engine):
     assert len(meta["output_token_logprobs"]) == 4
     assert [e[1] for e in meta["output_token_logprobs"]] == default["output_ids"]
 
-    full = tiny_engine.generate(input_ids=PROMPT, sampling_params=greedy, return_logprob=True,
-                                logprob_start_len=3, top_logprobs_num=3, token_ids_logprob=[5, 6])
+    full = tiny_engine.generate(
+        input_ids=PROMPT,
+        sampling_params=greedy,
+        return_logprob=True,
+        logprob_start_len=3,
+        top_logprobs_num=3,
+        token_ids_logprob=[5, 6],
+    )
     meta = full["meta_info"]
     assert len(meta["input_token_logprobs"]) == n - 3
     assert meta["input_token_logprobs"][0][0] is None
@@ -50,8 +63,12 @@ def test_logprob_layout_v045(tiny_engine):
     assert meta["input_token_ids_logprobs"][0] is None
     assert [e[1] for e in meta["output_token_ids_logprobs"][0]] == [5, 6]
     # the same positions scored with max_new_tokens=0 agree with the generated tokens' logprobs
-    score = tiny_engine.generate(input_ids=PROMPT + full["output_ids"], sampling_params={"max_new_tokens": 0},
-                                 return_logprob=True, logprob_start_len=0)
+    score = tiny_engine.generate(
+        input_ids=PROMPT + full["output_ids"],
+        sampling_params={"max_new_tokens": 0},
+        return_logprob=True,
+        logprob_start_len=0,
+    )
     assert score["meta_info"]["completion_tokens"] == 0 and score["output_ids"] == []
     rescored = [e[0] for e in score["meta_info"]["input_token_logprobs"][n:]]
     assert rescored == pytest.approx([e[0] for e in meta["output_token_logprobs"]], abs=1e-4)
@@ -59,20 +76,26 @@ def test_logprob_layout_v045(tiny_engine):
 
 
 def test_stop_strings_and_token_ids(tiny_engine):
-    base = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12,
-                                                                  "ignore_eos": True})
+    base = tiny_engine.generate(
+        input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+    )
     text = base["text"]
     stop = text[4:7]
     assert stop and stop.strip(), f"degenerate sample text {text!r}"
-    out = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12, "stop": stop})
+    out = tiny_engine.generate(
+        input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12, "stop": stop}
+    )
     assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
     assert out["text"] == text[: text.find(stop)]
-    kept = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12,
-                                                                  "stop": stop, "no_stop_trim": True})
+    kept = tiny_engine.generate(
+        input_ids=PROMPT,
+        sampling_params={"temperature": 0, "max_new_tokens": 12, "stop": stop, "no_stop_trim": True},
+    )
     assert kept["text"].endswith(stop) or stop in kept["text"]
     tid = base["output_ids"][5]
-    by_id = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12,
-                                                                   "stop_token_ids": [tid]})
+    by_id = tiny_engine.generate(
+        input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [tid]}
+    )
     first = base["output_ids"].index(tid)
     assert by_id["output_ids"] == base["output_ids"][: first + 1]
     assert by_id["meta_info"]["finish_reason"] == {"type": "stop", "matched": tid}
@@ -92,8 +115,13 @@ def test_n_samples_and_seeds(tiny_engine):
 
 
 def test_stream_is_cumulative(tiny_engine):
-    chunks = list(tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 6,
-                                                                          "ignore_eos": True}, stream=True))
+    chunks = list(
+        tiny_engine.generate(
+            input_ids=PROMPT,
+            sampling_params={"temperature": 0, "max_new_tokens": 6, "ignore_eos": True},
+            stream=True,
+        )
+    )
     assert len(chunks) == 6
     for prev, cur in zip(chunks, chunks[1:]):
         assert cur["text"].startswith(prev["text"])
@@ -106,11 +134,19 @@ def test_stream_is_cumulative(tiny_engine):
 def test_min_new_tokens_and_max_new_tokens_zero(tiny_engine):
     out = tiny_engine.generate(input_ids=PROMPT, sampling_params={"max_new_tokens": 0})
     assert out["output_ids"] == [] and out["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
-    base = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 6,
-                                                                  "ignore_eos": True})
+    base = tiny_engine.generate(
+        input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
+    )
     stop_tok = base["output_ids"][0]
-    forced = tiny_engine.generate(input_ids=PROMPT, sampling_params={"temperature": 0, "max_new_tokens": 6,
-                                                                    "stop_token_ids": [stop_tok], "min_new_tokens": 3})
+    forced = tiny_engine.generate(
+        input_ids=PROMPT,
+        sampling_params={
+            "temperature": 0,
+            "max_new_tokens": 6,
+            "stop_token_ids": [stop_tok],
+            "min_new_tokens": 3,
+        },
+    )
     assert forced["meta_info"]["completion_tokens"] >= 3
     assert stop_tok not in forced["output_ids"][:3]
 
@@ -118,16 +154,27 @@ def test_min_new_tokens_and_max_new_tokens_zero(tiny_engine):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"input_ids": [1, 2], "sampling_params": {"temperature": -1}}, "temperature must be non-negative, got -1."),
+        (
+            {"input_ids": [1, 2], "sampling_params": {"temperature": -1}},
+            "temperature must be non-negative, got -1.",
+        ),
         ({"input_ids": [1, 2], "sampling_params": {"top_p": 0}}, "top_p must be in (0, 1], got 0."),
-        ({"input_ids": [1, 2], "sampling_params": {"top_k": 0}}, "top_k must be -1 (disable) or at least 1, got 0."),
+        (
+            {"input_ids": [1, 2], "sampling_params": {"top_k": 0}},
+            "top_k must be -1 (disable) or at least 1, got 0.",
+        ),
         ({"input_ids": [1, 2], "sampling_params": {"bogus": 1}}, "Unknown sampling parameter(s): bogus."),
-        ({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": "ten"}}, "sampling_params.max_new_tokens has the wrong type"),
+        (
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": "ten"}},
+            "sampling_params.max_new_tokens has the wrong type",
+        ),
         ({"input_ids": []}, "input_ids cannot be empty."),
         ({"input_ids": [10**9]}, "outside the vocabulary"),
         ({"input_ids": list(range(600))}, "is longer than the model's context length (512 tokens)."),
-        ({"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3},
-         "logprob_start_len, (3) is higher than the number of input tokens (3)."),
+        (
+            {"input_ids": [1, 2, 3], "return_logprob": True, "logprob_start_len": 3},
+            "logprob_start_len, (3) is higher than the number of input tokens (3).",
+        ),
         ({"prompt": "hi", "input_ids": [1, 2]}, "cannot be provided at the same time"),
         ({}, "Either text, input_ids or input_embeds should be provided."),
     ],
@@ -146,8 +193,11 @@ def test_abort_frees_slots(tiny_engine):
     results = []
 
     def run():
-        results.append(tiny_engine.generate(input_ids=PROMPT, rid="to-abort",
-                                            sampling_params={"max_new_tokens": 400, "ignore_eos": True}))
+        results.append(
+            tiny_engine.generate(
+                input_ids=PROMPT, rid="to-abort", sampling_params={"max_new_tokens": 400, "ignore_eos": True}
+            )
+        )
 
     t = threading.Thread(target=run)
     t.start()

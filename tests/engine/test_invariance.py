@@ -87,8 +87,9 @@ def test_disabled_radix_cache_never_shares(tiny_llama_dir, reference):
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_policies_give_same_outputs(tiny_llama_dir, reference, policy):
     items, ref = reference
-    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", schedule_policy=policy,
-                            max_running_requests=4) as engine:
+    with research_rt.Engine(
+        str(tiny_llama_dir), dtype="float32", schedule_policy=policy, max_running_requests=4
+    ) as engine:
         assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
         engine.check_pool_integrity()
 
@@ -99,8 +100,10 @@ def test_smollm2_invariance():
     base = research_rt.Engine(dtype="float32")
     tok = base.tokenizer
     qs = ["Name a planet.", "What is 2+2?", "Say hello in Spanish.", "What color is the sky?"]
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in qs]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in qs
+    ]
     params = {"temperature": 0, "max_new_tokens": 20}
     try:
         alone = [base.generate(t, params)["text"] for t in texts]

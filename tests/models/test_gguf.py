@@ -43,11 +43,22 @@ def write_tiny_gguf(hf_dir: Path, out: Path, qtype: str) -> Path:
     w.add_token_merges([])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     qt = gguf.GGMLQuantizationType[qtype]
     for name, t in tensors.items():
         if name in names:
@@ -78,15 +89,21 @@ def test_tiny_gguf_matches_transformers(qtype, tmp_path):
 
     hf_dir = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "hf", vocab_size=256)
     gguf_path = write_tiny_gguf(hf_dir, tmp_path / f"tiny-{qtype}.gguf", qtype)
-    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32
+    ).eval()
     prompt = [3, 14, 15, 92, 65, 35, 89, 79]
     with torch.no_grad():
         ref_lp = torch.log_softmax(ref(torch.tensor([prompt])).logits[0], -1)
     ref_out = hf_greedy(ref, prompt, 10)
     engine = research_rt.Engine(str(gguf_path), dtype="float32", skip_tokenizer_init=True)
     try:
-        out = engine.generate(input_ids=prompt, sampling_params={"temperature": 0, "max_new_tokens": 10,
-                              "ignore_eos": True}, return_logprob=True, logprob_start_len=0)
+        out = engine.generate(
+            input_ids=prompt,
+            sampling_params={"temperature": 0, "max_new_tokens": 10, "ignore_eos": True},
+            return_logprob=True,
+            logprob_start_len=0,
+        )
     finally:
         engine.shutdown()
     assert out["output_ids"] == ref_out
@@ -114,8 +131,10 @@ def test_smollm2_greedy_matches_transformers(smollm_gguf_path):
     p = Path(smollm_gguf_path)
     engine = research_rt.Engine(dtype="float32")
     tok = engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in SMOL_PROMPTS]
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        for q in SMOL_PROMPTS
+    ]
     try:
         outs = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
         engine.check_pool_integrity()

@@ -48,8 +48,12 @@ def test_architecture_matches_transformers(name, tmp_path):
             # output logprobs: each greedy token's log-probability under transformers' full distribution
             full = torch.tensor(prompt + ref_tokens)
             engine.check_pool_integrity()
-        score = engine.generate(input_ids=full.tolist(), sampling_params={"max_new_tokens": 0},
-                                return_logprob=True, logprob_start_len=0)
+        score = engine.generate(
+            input_ids=full.tolist(),
+            sampling_params={"max_new_tokens": 0},
+            return_logprob=True,
+            logprob_start_len=0,
+        )
         assert score["meta_info"]["completion_tokens"] == 0
         assert len(score["meta_info"]["input_token_logprobs"]) == len(full)
     finally:

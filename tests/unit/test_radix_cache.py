@@ -12,7 +12,6 @@ import torch
 from research_rt.cache import radix_cache as rc_mod
 from research_rt.cache.kv_pool import KVPool
 from research_rt.cache.radix_cache import RadixCache
-from tests.unit._helpers import check_tree
 
 
 @pytest.fixture(autouse=True)
@@ -239,11 +238,6 @@ def test_check_integrity_detects_leak_and_double_ownership():
         tree2.check_integrity()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check_integrity asserts root.lock_ref (constant 1) >= child.lock_ref, "
-    "so two locks on a top-level node make it fail",
-)
 def test_check_integrity_two_locks():
     pool, tree = make(8)
     put(pool, tree, [1, 2])
@@ -279,8 +273,8 @@ def test_random_ops_against_reference(seed):
         return base[:cut] + [rng.randrange(4) for _ in range(rng.randrange(0, 6))]
 
     def check() -> None:
-        check_tree(tree, expect_idle=not locks)
-        check_tree(tree, expect_idle=False)
+        tree.check_integrity(expect_idle=not locks)
+        tree.check_integrity(expect_idle=False)
         assert tree_contents(tree) == ref
         # independent accounting: every slot is free or in the tree, exactly once
         all_slots = pool.free_slots.tolist() + list(ref.values())

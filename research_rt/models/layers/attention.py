@@ -11,7 +11,9 @@ from research_rt.executor.forward_batch import ForwardBatch
 class Attention(nn.Module):
     """Writes this layer's k/v into the KV pool and attends over each request's cached tokens."""
 
-    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float) -> None:
+    def __init__(
+        self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = num_heads

@@ -1,0 +1,160 @@
+"""The decode step compiled whole: batch-size buckets, padding, and (on CUDA) captured graphs.
+
+A decode batch of `bs` requests is padded to the smallest bucket >= bs (padding rows write the
+dummy KV slot 0 and attend only to it), so the compiled step sees a handful of shapes. The key
+length is padded to a multiple of KV_ALIGN and marked dynamic, so one compilation serves every
+length. On CUDA each bucket is captured as a CUDA graph over static input buffers, largest first,
+sharing one memory pool; replay copies the step's inputs into those buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
+
+logger = logging.getLogger(__name__)
+
+KV_ALIGN = 64
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 32, then every 16: few shapes, little padding."""
+    out, b = [], 1
+    while b < min(max_bs, 8):
+        out.append(b)
+        b *= 2
+    b = 8
+    while b <= max_bs:
+        out.append(b)
+        b += 8 if b < 32 else 16
+    if not out or out[-1] != max_bs:
+        out.append(max_bs)
+    return sorted(set(out))
+
+
+def bucket_for(bs: int, buckets: list[int]) -> int | None:
+    for b in buckets:
+        if b >= bs:
+            return b
+    return None
+
+
+def pad_decode_inputs(batch: ForwardBatch, bucket: int, kv_len: int) -> dict[str, torch.Tensor]:
+    """Pad a DECODE batch's tensors to `bucket` rows and `kv_len` keys (dummy slot 0 everywhere)."""
+    bs, lk = batch.kv_indices.shape
+    pad_rows = bucket - bs
+    kv = torch.nn.functional.pad(batch.kv_indices, (0, kv_len - lk, 0, pad_rows))
+    mask = torch.nn.functional.pad(batch.attn_mask, (0, kv_len - lk, 0, 0, 0, 0, 0, pad_rows))
+    if pad_rows:
+        mask[bs:, 0, 0, 0] = True
+    return {
+        "input_ids": torch.nn.functional.pad(batch.input_ids, (0, pad_rows)),
+        "positions": torch.nn.functional.pad(batch.positions, (0, pad_rows)),
+        "out_cache_loc": torch.nn.functional.pad(batch.out_cache_loc, (0, pad_rows)),
+        "kv_indices": kv,
+        "attn_mask": mask,
+    }
+
+
+class DecodeGraphRunner:
+    """Runs DECODE batches through a compiled (CPU) or graph-captured (CUDA) step."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_pool,
+        attn_backend,
+        max_bs: int,
+        device: torch.device,
+        use_cuda_graph: bool,
+    ) -> None:
+        self.model = model
+        self.kv_pool = kv_pool
+        self.attn_backend = attn_backend
+        self.device = device
+        self.buckets = batch_buckets(max_bs)
+        self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        self.compiled: Callable[..., torch.Tensor] = torch.compile(self._step, dynamic=None, fullgraph=True)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.seen_shapes: set[tuple[int, int]] = set()
+
+    def can_run(self, batch: ForwardBatch) -> bool:
+        return batch.mode is ForwardMode.DECODE and bucket_for(batch.batch_size, self.buckets) is not None
+
+    def _step(self, input_ids, positions, out_cache_loc, kv_indices, attn_mask) -> torch.Tensor:
+        batch = ForwardBatch(
+            mode=ForwardMode.DECODE,
+            batch_size=input_ids.shape[0],
+            input_ids=input_ids,
+            positions=positions,
+            out_cache_loc=out_cache_loc,
+            kv_indices=kv_indices,
+            attn_mask=attn_mask,
+            kv_pool=self.kv_pool,
+            attn_backend=self.attn_backend,
+        )
+        hidden = self.model(input_ids, positions, batch)
+        return self.model.compute_logits(hidden)
+
+    def run(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [bs, vocab] for a DECODE batch."""
+        bucket = bucket_for(batch.batch_size, self.buckets)
+        assert bucket is not None
+        lk = batch.kv_indices.shape[1]
+        kv_len = -(-lk // KV_ALIGN) * KV_ALIGN
+        inputs = pad_decode_inputs(batch, bucket, kv_len)
+        if self.use_cuda_graph:
+            return self._replay(bucket, inputs)[: batch.batch_size]
+        torch._dynamo.mark_dynamic(inputs["kv_indices"], 1)
+        torch._dynamo.mark_dynamic(inputs["attn_mask"], 3)
+        key = (bucket, 0)
+        if key not in self.seen_shapes:
+            t0 = time.monotonic()
+            out = self.compiled(**inputs)
+            self.seen_shapes.add(key)
+            logger.info("Compiled decode step for batch size %d in %.1f s", bucket, time.monotonic() - t0)
+            return out[: batch.batch_size]
+        return self.compiled(**inputs)[: batch.batch_size]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _replay(self, bucket: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        graph, static, out = self.graphs.get(bucket, (None, None, None))  # type: ignore[assignment]
+        if graph is None or static["kv_indices"].shape[1] < inputs["kv_indices"].shape[1]:
+            graph, static, out = self._capture(
+                bucket, inputs, max(256, 1 << (inputs["kv_indices"].shape[1] - 1).bit_length())
+            )
+        for name, value in inputs.items():
+            dst = static[name]
+            if name in ("kv_indices", "attn_mask"):
+                dst.zero_()
+                if name == "attn_mask":
+                    dst[..., 0] = True
+                dst[..., : value.shape[-1]].copy_(value)
+            else:
+                dst.copy_(value)
+        graph.replay()
+        return out
+
+    def _capture(self, bucket: int, inputs: dict[str, torch.Tensor], kv_len: int):
+        """Capture `bucket` with room for `kv_len` keys (a power of two: few recaptures)."""
+        static = {k: v.clone() for k, v in inputs.items()}
+        pad = kv_len - static["kv_indices"].shape[1]
+        static["kv_indices"] = torch.nn.functional.pad(static["kv_indices"], (0, pad))
+        static["attn_mask"] = torch.nn.functional.pad(static["attn_mask"], (0, pad))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm up (and compile) outside the capture
+                self._step(**static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
+        with torch.cuda.graph(graph, pool=pool):
+            out = self._step(**static)
+        self.graphs[bucket] = (graph, static, out)
+        return graph, static, out
