@@ -205,7 +205,9 @@ class Scheduler:
             else:
                 length = min(req.seq_len - req.kv_len, rem_chunk)
                 if not self._alloc_for(req, length):
-                    raise RuntimeError("KV pool exhausted while continuing a chunked prefill")
+                    # running decodes hold the pool; they finish or retract, then this resumes
+                    self.chunked = req
+                    return items
                 items.append(PrefillItem(req, req.kv_len, length, req.kv_len + length == req.seq_len))
                 rem_chunk -= length
                 if not items[-1].is_last_chunk:

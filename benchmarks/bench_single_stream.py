@@ -1,0 +1,63 @@
+"""Single-stream greedy decode speed: research_rt (eager / compiled, float32 / bfloat16) vs transformers.
+
+    .venv/bin/python -m benchmarks.bench_single_stream [--new-tokens 128] [--configs eager-bf16,compile-bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks.common import STORY, hf_generate_tokens_per_s, load_hf_smollm, timed
+
+CONFIGS = {
+    "eager-fp32": dict(dtype="float32", enable_torch_compile=False),
+    "eager-bf16": dict(dtype="bfloat16", enable_torch_compile=False),
+    "compile-fp32": dict(dtype="float32", enable_torch_compile=True),
+    "compile-bf16": dict(dtype="bfloat16", enable_torch_compile=True),
+}
+
+
+def research_rt_tokens_per_s(config: dict, new_tokens: int) -> tuple[float, float]:
+    import research_rt
+
+    with research_rt.Engine(max_total_tokens=4096, **config) as engine:
+        params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
+        warm, _ = timed(lambda: engine.generate(STORY, params))  # includes compilation
+        best = min(timed(lambda: engine.generate(STORY, params))[0] for _ in range(2))
+    return new_tokens / best, warm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--hf", default="fp32,bf16")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rows = {}
+    for name in filter(None, args.configs.split(",")):
+        tps, warm = research_rt_tokens_per_s(CONFIGS[name], args.new_tokens)
+        rows[f"research_rt {name}"] = tps
+        print(f"research_rt {name:14s} {tps:7.1f} tok/s   (first request incl. compile {warm:.1f} s)", flush=True)
+    for dt in filter(None, args.hf.split(",")):
+        from transformers import AutoTokenizer  # noqa: F401
+
+        model = load_hf_smollm(torch.float32 if dt == "fp32" else torch.bfloat16)
+        from research_rt.loader.model_loader import load_tokenizer
+        from research_rt.loader.resolve import resolve_model_path
+
+        ids = load_tokenizer(resolve_model_path(None)).encode(STORY)
+        hf_generate_tokens_per_s(model, [ids], 8, 1)
+        tps = max(hf_generate_tokens_per_s(model, [ids], args.new_tokens, 1) for _ in range(2))
+        rows[f"transformers {dt}"] = tps
+        print(f"transformers {dt:16s} {tps:7.1f} tok/s", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Shared pieces of the benchmarks: the SmolLM2 prompts, timing, and the transformers baseline."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+STORY = "<|im_start|>user\nTell me a long story about a dragon who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def random_prompts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of lo..hi tokens cut from real text (so the model sees plausible input)."""
+    rng = random.Random(seed)
+    words = ("the of and a to in is you that it he was for on are as with his they at be this have from "
+             "or one had by word but not what all were we when your can said there use an each which she "
+             "do how their if will up other about out many then them these so some her would make like him "
+             "into time has look two more write go see number no way could people my than first water been "
+             "call who oil its now find long down day did get come made may part").split()
+    ids = tokenizer.encode(" ".join(rng.choice(words) for _ in range(hi * 2)))
+    return [ids[(s := rng.randrange(0, len(ids) - hi)) : s + rng.randint(lo, hi)] for _ in range(n)]
+
+
+def load_hf_smollm(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    from research_rt.loader.resolve import default_model_path
+
+    p = Path(default_model_path())
+    return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype).eval()
+
+
+def hf_generate_tokens_per_s(model, prompts: list[list[int]], new_tokens: int, batch_size: int) -> float:
+    """transformers.generate in static batches (left padded), greedy, no early stop."""
+    total, elapsed = 0, 0.0
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        with torch.no_grad():
+            dt, _ = timed(lambda ids=ids, mask=mask: model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                do_sample=False, pad_token_id=0))
+        elapsed += dt
+        total += new_tokens * len(chunk)
+    return total / elapsed
