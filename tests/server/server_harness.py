@@ -37,7 +37,9 @@ class Server:
             info = requests.get(self.base_url + "/get_server_info", timeout=30).json()
             if info["num_running_reqs"] == 0 and info["num_queue_reqs"] == 0:
                 return info
-            assert time.monotonic() < deadline, f"server still busy after {timeout}s: {info['num_running_reqs']}"
+            assert time.monotonic() < deadline, (
+                f"server still busy after {timeout}s: {info['num_running_reqs']}"
+            )
             time.sleep(0.05)
 
 
@@ -47,9 +49,20 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def start_server(args: list[str], log_path: Path, timeout: float = 180.0, ready_path: str = "/health") -> Server:
+def start_server(
+    args: list[str], log_path: Path, timeout: float = 180.0, ready_path: str = "/health"
+) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "research_rt.launch_server", "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "research_rt.launch_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the process's lifetime
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
@@ -89,7 +102,9 @@ def long_tiny(path: Path, tokenizer_dir: Path, seed: int) -> Path:
     spec = importlib.util.spec_from_file_location("tests_root_conftest", REPO_ROOT / "tests" / "conftest.py")
     root = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(root)
-    root.make_tiny_checkpoint("LlamaForCausalLM", path, vocab_size=49152, seed=seed, tokenizer_dir=tokenizer_dir)
+    root.make_tiny_checkpoint(
+        "LlamaForCausalLM", path, vocab_size=49152, seed=seed, tokenizer_dir=tokenizer_dir
+    )
     cfg = json.loads((path / "config.json").read_text())
     cfg["max_position_embeddings"] = 8192
     (path / "config.json").write_text(json.dumps(cfg))

@@ -29,26 +29,46 @@ def msg(r) -> str:
         ({"text": "x", "sampling_params": {"top_p": 0}}, "top_p must be in (0, 1], got 0."),
         ({"text": "x", "sampling_params": {"top_k": 0}}, "top_k must be -1 (disable) or at least 1, got 0."),
         ({"text": "x", "sampling_params": {"min_p": 2}}, "min_p must be in [0, 1], got 2."),
-        ({"text": "x", "sampling_params": {"frequency_penalty": 3}}, "frequency_penalty must be in [-2, 2], got 3."),
-        ({"text": "x", "sampling_params": {"presence_penalty": -3}}, "presence_penalty must be in [-2, 2], got -3."),
-        ({"text": "x", "sampling_params": {"repetition_penalty": 3}}, "repetition_penalty must be in [0, 2], got 3."),
-        ({"text": "x", "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens must be at least 0, got -1."),
-        ({"text": "x", "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 3}},
-         "min_new_tokens must be in [0, max_new_tokens(2)], got 3."),
+        (
+            {"text": "x", "sampling_params": {"frequency_penalty": 3}},
+            "frequency_penalty must be in [-2, 2], got 3.",
+        ),
+        (
+            {"text": "x", "sampling_params": {"presence_penalty": -3}},
+            "presence_penalty must be in [-2, 2], got -3.",
+        ),
+        (
+            {"text": "x", "sampling_params": {"repetition_penalty": 3}},
+            "repetition_penalty must be in [0, 2], got 3.",
+        ),
+        (
+            {"text": "x", "sampling_params": {"max_new_tokens": -1}},
+            "max_new_tokens must be at least 0, got -1.",
+        ),
+        (
+            {"text": "x", "sampling_params": {"max_new_tokens": 2, "min_new_tokens": 3}},
+            "min_new_tokens must be in [0, max_new_tokens(2)], got 3.",
+        ),
         ({"text": "x", "sampling_params": {"bogus_param": 1}}, "Unknown sampling parameter(s): bogus_param."),
         ({"text": "x", "input_ids": [1]}, "text and input_ids cannot be provided at the same time."),
         ({}, "Either text, input_ids or input_embeds should be provided."),
         ({"input_ids": []}, "input_ids cannot be empty."),
         ({"input_ids": [1, 99999]}, "Token id 99999 in input_ids is outside the vocabulary (size 49152)."),
-        ({"input_ids": list(range(8192))},
-         "The input (8192 tokens) is longer than the model's context length (8192 tokens)."),
-        ({"input_ids": [5] * 8000, "sampling_params": {"max_new_tokens": 500}},
-         "Requested token count exceeds the model's maximum context length of 8192 tokens. You requested a total "
-         "of 8500 tokens: 8000 tokens from the input messages and 500 tokens for the completion. Please reduce "
-         "the number of tokens in the input messages or the completion to fit within the limit."),
-        ({"text": "x", "return_logprob": True, "logprob_start_len": 5},
-         "logprob_start_len, (5) is higher than the number of input tokens (1). Request with a lower "
-         "logprob_start_len."),
+        (
+            {"input_ids": list(range(8192))},
+            "The input (8192 tokens) is longer than the model's context length (8192 tokens).",
+        ),
+        (
+            {"input_ids": [5] * 8000, "sampling_params": {"max_new_tokens": 500}},
+            "Requested token count exceeds the model's maximum context length of 8192 tokens. You requested a total "
+            "of 8500 tokens: 8000 tokens from the input messages and 500 tokens for the completion. Please reduce "
+            "the number of tokens in the input messages or the completion to fit within the limit.",
+        ),
+        (
+            {"text": "x", "return_logprob": True, "logprob_start_len": 5},
+            "logprob_start_len, (5) is higher than the number of input tokens (1). Request with a lower "
+            "logprob_start_len.",
+        ),
     ],
 )
 def test_generate_value_errors(server, body, expected):
@@ -89,7 +109,9 @@ def test_other_endpoints_bad_bodies(server):
     assert r.status_code == 400 and r.json()["object"] == "error" and "'prompt'" in r.json()["message"]
     r = requests.post(base + "/v1/chat/completions", json={"model": "m", "messages": "hi"})
     assert r.status_code == 400 and "'messages'" in r.json()["message"]
-    r = requests.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": "2"})
+    r = requests.post(
+        base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "n": "2"}
+    )
     assert r.status_code == 400 and "'n'" in r.json()["message"]
     r = requests.post(base + "/v1/completions", json={"prompt": "x", "temperature": -2})
     assert r.status_code == 400 and r.json()["message"] == "temperature must be non-negative, got -2."
@@ -98,8 +120,13 @@ def test_other_endpoints_bad_bodies(server):
 def test_unknown_route_and_wrong_method(server):
     r = requests.get(server.base_url + "/no_such_route")
     assert r.status_code == 404 and "Not Found" in msg(r)
-    for method, path in (("get", "/generate"), ("delete", "/flush_cache"), ("get", "/update_weights_from_disk"),
-                         ("post", "/get_model_info"), ("get", "/v1/chat/completions")):
+    for method, path in (
+        ("get", "/generate"),
+        ("delete", "/flush_cache"),
+        ("get", "/update_weights_from_disk"),
+        ("post", "/get_model_info"),
+        ("get", "/v1/chat/completions"),
+    ):
         r = getattr(requests, method)(server.base_url + path)
         assert r.status_code == 405, (method, path)
         assert "Method Not Allowed" in json.dumps(r.json())
@@ -110,8 +137,10 @@ def _raw_request(server, body: dict) -> socket.socket:
     port = int(server.base_url.rsplit(":", 1)[1])
     data = json.dumps(body)
     s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(f"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-              f"Content-Length: {len(data)}\r\n\r\n{data}".encode())
+    s.sendall(
+        f"POST /generate HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n{data}".encode()
+    )
     return s
 
 
@@ -150,7 +179,11 @@ def test_64_concurrent_streams_with_disconnects(server):
     sp = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
 
     async def client(session, i):
-        body = {"text": prompts[i], "sampling_params": sp if i % 4 else {**sp, "max_new_tokens": 1000}, "stream": True}
+        body = {
+            "text": prompts[i],
+            "sampling_params": sp if i % 4 else {**sp, "max_new_tokens": 1000},
+            "stream": True,
+        }
         async with session.post(server.base_url + "/generate", json=body) as r:
             assert r.status == 200
             events, done = [], False
@@ -186,7 +219,9 @@ def test_64_concurrent_streams_with_disconnects(server):
         assert final["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
         assert len(final["output_ids"]) == 12
         if i % 8 == 1:  # the same prompt alone gives the same greedy tokens
-            alone = requests.post(server.base_url + "/generate", json={"text": prompts[i], "sampling_params": sp})
+            alone = requests.post(
+                server.base_url + "/generate", json={"text": prompts[i], "sampling_params": sp}
+            )
             assert alone.json()["output_ids"] == final["output_ids"]
             checked += 1
     assert checked == 8

@@ -51,11 +51,20 @@ def test_generate_single(server):
     out = r.json()
     assert isinstance(out["text"], str) and len(out["output_ids"]) == 8
     meta = out["meta_info"]
-    assert list(meta) == ["id", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens", "e2e_latency"]
+    assert list(meta) == [
+        "id",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "e2e_latency",
+    ]
     assert meta["finish_reason"] == {"type": "length", "length": 8}
     assert meta["completion_tokens"] == 8 and meta["prompt_tokens"] == 5
     # greedy is deterministic; PUT is accepted too; a repeat hits the radix cache
-    again = requests.put(server.base_url + "/generate", json={"text": "The capital of France is", "sampling_params": GREEDY})
+    again = requests.put(
+        server.base_url + "/generate", json={"text": "The capital of France is", "sampling_params": GREEDY}
+    )
     assert again.status_code == 200 and again.json()["output_ids"] == out["output_ids"]
     assert again.json()["meta_info"]["cached_tokens"] == 4
 
@@ -80,17 +89,31 @@ def test_generate_batch_and_n(server):
 
 
 def test_generate_max_new_tokens_zero(server):
-    r = post(server, "/generate", {"text": "hello world", "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
-                                   "logprob_start_len": 0})
+    r = post(
+        server,
+        "/generate",
+        {
+            "text": "hello world",
+            "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True,
+            "logprob_start_len": 0,
+        },
+    )
     meta = r.json()["meta_info"]
     assert r.status_code == 200 and meta["completion_tokens"] == 0 and r.json()["output_ids"] == []
     assert len(meta["input_token_logprobs"]) == 2 and meta["input_token_logprobs"][0][0] is None
 
 
 def test_generate_logprobs(server):
-    body = {"text": "one two three four five", "sampling_params": GREEDY, "return_logprob": True,
-            "logprob_start_len": 1, "top_logprobs_num": 3, "return_text_in_logprobs": True,
-            "token_ids_logprob": [5, 6]}
+    body = {
+        "text": "one two three four five",
+        "sampling_params": GREEDY,
+        "return_logprob": True,
+        "logprob_start_len": 1,
+        "top_logprobs_num": 3,
+        "return_text_in_logprobs": True,
+        "token_ids_logprob": [5, 6],
+    }
     meta = post(server, "/generate", body).json()["meta_info"]
     n = meta["prompt_tokens"]
     assert len(meta["input_token_logprobs"]) == n - 1 and meta["input_token_logprobs"][0][0] is None
@@ -133,8 +156,16 @@ def test_model_and_server_info(server, tiny_dir):
     info = requests.get(server.base_url + "/get_model_info").json()
     assert info == {"model_path": str(tiny_dir), "tokenizer_path": str(tiny_dir), "is_generation": True}
     s = requests.get(server.base_url + "/get_server_info").json()
-    for key in ("model_path", "chunked_prefill_size", "schedule_policy", "disable_radix_cache", "random_seed",
-                "stream_interval", "skip_tokenizer_init", "served_model_name"):
+    for key in (
+        "model_path",
+        "chunked_prefill_size",
+        "schedule_policy",
+        "disable_radix_cache",
+        "random_seed",
+        "stream_interval",
+        "skip_tokenizer_init",
+        "served_model_name",
+    ):
         assert key in s
     assert s["max_total_num_tokens"] == 40000 and isinstance(s["max_req_input_len"], int)
     assert isinstance(s["version"], str) and isinstance(s["attention_backend"], str)
@@ -169,7 +200,11 @@ def test_abort_request(server):
     result = {}
 
     def run():
-        body = {"text": "abort me", "rid": "to-abort", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}}
+        body = {
+            "text": "abort me",
+            "rid": "to-abort",
+            "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True},
+        }
         result["r"] = post(server, "/generate", body)
 
     t = threading.Thread(target=run)
@@ -189,8 +224,10 @@ def test_abort_request(server):
 
 
 def test_embedding_and_moe_endpoints_refuse(server):
-    msg = ("This model does not appear to be an embedding model by default. Please add `--is-embedding` when "
-           "launching the server or try another model.")
+    msg = (
+        "This model does not appear to be an embedding model by default. Please add `--is-embedding` when "
+        "launching the server or try another model."
+    )
     for path in ("/encode", "/classify"):
         r = post(server, path, {"model": "x", "text": "Once upon a time"})
         assert r.status_code == 400 and r.json() == {"error": {"message": msg}}
@@ -221,8 +258,17 @@ def test_metrics(server):
     post(server, "/generate", {"text": "count me", "sampling_params": GREEDY})
     r = requests.get(server.base_url + "/metrics")
     assert r.status_code == 200
-    for name in ("num_running_reqs", "num_used_tokens", "token_usage", "gen_throughput", "num_queue_reqs",
-                 "cache_hit_rate", "prompt_tokens_total", "generation_tokens_total", "num_requests_total"):
+    for name in (
+        "num_running_reqs",
+        "num_used_tokens",
+        "token_usage",
+        "gen_throughput",
+        "num_queue_reqs",
+        "cache_hit_rate",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "num_requests_total",
+    ):
         assert f"sglang:{name}{{model_name=" in r.text
     for suffix in ("_sum{", "_count{", "_bucket{"):
         assert "sglang:time_to_first_token_seconds" + suffix in r.text

@@ -41,8 +41,13 @@ def test_native_api_notebook(notebook_server, capsys):
     print_highlight(response.json())
     assert response.status_code == 200 and response.json()["meta_info"]["completion_tokens"] > 0
 
-    greedy = requests.post(url, json={"text": "The capital of France is",
-                                      "sampling_params": {"temperature": 0, "max_new_tokens": 16}}).json()
+    greedy = requests.post(
+        url,
+        json={
+            "text": "The capital of France is",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16},
+        },
+    ).json()
     assert "Paris" in greedy["text"]  # the real SmolLM2 weights, not random ones
 
     response_json = requests.get(f"http://localhost:{port}/get_model_info").json()
@@ -63,26 +68,43 @@ def test_native_api_notebook(notebook_server, capsys):
         "requests, the operation will not be performed.)\n"
     )
 
-    response = requests.post(f"http://localhost:{port}/update_weights_from_disk", json={"model_path": model_path})
+    response = requests.post(
+        f"http://localhost:{port}/update_weights_from_disk", json={"model_path": model_path}
+    )
     assert response.json()["success"] is True
     assert response.json()["message"] == "Succeeded to update model weights."
-    again = requests.post(url, json={"text": "The capital of France is",
-                                     "sampling_params": {"temperature": 0, "max_new_tokens": 16}}).json()
+    again = requests.post(
+        url,
+        json={
+            "text": "The capital of France is",
+            "sampling_params": {"temperature": 0, "max_new_tokens": 16},
+        },
+    ).json()
     assert again["text"] == greedy["text"]
 
-    response = requests.post(f"http://localhost:{port}/update_weights_from_disk",
-                             json={"model_path": "HuggingFaceTB/SmolLM2-135M-Instruct-wrong"})
+    response = requests.post(
+        f"http://localhost:{port}/update_weights_from_disk",
+        json={"model_path": "HuggingFaceTB/SmolLM2-135M-Instruct-wrong"},
+    )
     response_json = response.json()
     assert response_json["success"] is False
     assert response_json["message"] == (
         "Failed to get weights iterator: HuggingFaceTB/SmolLM2-135M-Instruct-wrong (repository not found)."
     )
 
-    r = requests.post(f"http://localhost:{port}/encode", json={"model": model_path, "text": "Once upon a time"})
+    r = requests.post(
+        f"http://localhost:{port}/encode", json={"model": model_path, "text": "Once upon a time"}
+    )
     assert r.status_code == 400 and "--is-embedding" in r.json()["error"]["message"]
 
-    chat = requests.post(f"http://localhost:{port}/v1/chat/completions",
-                         json={"model": model_path, "temperature": 0, "max_tokens": 24,
-                               "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    chat = requests.post(
+        f"http://localhost:{port}/v1/chat/completions",
+        json={
+            "model": model_path,
+            "temperature": 0,
+            "max_tokens": 24,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        },
+    )
     assert "Paris" in chat.json()["choices"][0]["message"]["content"]
     assert "\033[1;34m" in capsys.readouterr().out  # print_highlight

@@ -10,17 +10,21 @@ import time
 
 import pytest
 import requests
+from server_harness import REPO_ROOT, TINY_ARGS, server_env
 
 from research_rt import utils
-
-from server_harness import REPO_ROOT, TINY_ARGS, server_env
 
 
 def test_api_key(tiny_server_factory):
     server = tiny_server_factory(["--api-key", "sk-123"])
     base = server.base_url
     body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
-    for headers in ({}, {"Authorization": "Bearer None"}, {"Authorization": "Bearer sk-12"}, {"Authorization": "sk-123"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer None"},
+        {"Authorization": "Bearer sk-12"},
+        {"Authorization": "sk-123"},
+    ):
         r = requests.post(base + "/generate", json=body, headers=headers)
         assert r.status_code == 401 and r.json() == {"error": "Unauthorized"}
         assert requests.get(base + "/v1/models", headers=headers).status_code == 401
@@ -38,8 +42,10 @@ def test_skip_tokenizer_init_via_launch_server_cmd(tiny_dir, monkeypatch):
     for k, v in server_env().items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(REPO_ROOT)
-    cmd = f"{sys.executable} -m research_rt.launch_server --model-path {tiny_dir} {' '.join(TINY_ARGS)} " \
-          "--skip-tokenizer-init --stream-output --host 127.0.0.1"
+    cmd = (
+        f"{sys.executable} -m research_rt.launch_server --model-path {tiny_dir} {' '.join(TINY_ARGS)} "
+        "--skip-tokenizer-init --stream-output --host 127.0.0.1"
+    )
     proc, port = utils.launch_server_cmd(cmd, host="127.0.0.1")
     try:
         assert proc in utils.process_socket_map  # reservation still held while the server binds
@@ -48,17 +54,30 @@ def test_skip_tokenizer_init_via_launch_server_cmd(tiny_dir, monkeypatch):
         utils.wait_for_server(base, timeout=120)
         assert time.time() - t0 < 120
         sp = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
-        r = requests.post(base + "/generate", json={"input_ids": [10, 20, 30], "sampling_params": sp,
-                                                    "return_logprob": True, "logprob_start_len": 0})
+        r = requests.post(
+            base + "/generate",
+            json={
+                "input_ids": [10, 20, 30],
+                "sampling_params": sp,
+                "return_logprob": True,
+                "logprob_start_len": 0,
+            },
+        )
         out = r.json()
         assert r.status_code == 200 and "text" not in out
         assert len(out["output_ids"]) == 12 and out["token_ids"] == out["output_ids"]
         assert len(out["meta_info"]["input_token_logprobs"]) == 3
         # --stream-output: streamed ids are incremental; their concatenation is the full output
-        with requests.post(base + "/generate", json={"input_ids": [10, 20, 30], "sampling_params": sp,
-                                                     "stream": True}, stream=True) as s:
-            events = [json.loads(line[6:]) for line in s.iter_lines(decode_unicode=True)
-                      if line and line != "data: [DONE]"]
+        with requests.post(
+            base + "/generate",
+            json={"input_ids": [10, 20, 30], "sampling_params": sp, "stream": True},
+            stream=True,
+        ) as s:
+            events = [
+                json.loads(line[6:])
+                for line in s.iter_lines(decode_unicode=True)
+                if line and line != "data: [DONE]"
+            ]
         assert all(len(e["output_ids"]) == 1 for e in events)
         assert sum((e["output_ids"] for e in events), []) == out["output_ids"]
         r = requests.post(base + "/generate", json={"text": "hello"})
@@ -66,7 +85,9 @@ def test_skip_tokenizer_init_via_launch_server_cmd(tiny_dir, monkeypatch):
             "The engine initialized with skip_tokenizer_init=True cannot accept text prompts. Please provide "
             "input_ids or re-initialize the engine with skip_tokenizer_init=False."
         )
-        r = requests.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        r = requests.post(
+            base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+        )
         assert r.status_code == 400 and "tokenizer" in r.json()["message"]
         assert requests.get(base + "/health_generate").status_code == 200
     finally:
@@ -74,15 +95,28 @@ def test_skip_tokenizer_init_via_launch_server_cmd(tiny_dir, monkeypatch):
     assert proc.poll() is not None and proc not in utils.process_socket_map
 
 
-@pytest.mark.parametrize("flags", [["--no-such-flag"], ["--schedule-policy", "nope"], ["--port", "abc"],
-                                   ["--dtype", "int3"]])
+@pytest.mark.parametrize(
+    "flags", [["--no-such-flag"], ["--schedule-policy", "nope"], ["--port", "abc"], ["--dtype", "int3"]]
+)
 def test_bad_flags_exit_nonzero(flags):
-    r = subprocess.run([sys.executable, "-m", "research_rt.launch_server", *flags], cwd=REPO_ROOT, env=server_env(),
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "research_rt.launch_server", *flags],
+        cwd=REPO_ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "error:" in r.stderr
 
 
 def test_missing_model_exits_nonzero():
-    r = subprocess.run([sys.executable, "-m", "research_rt.launch_server", "--model-path", "no-org/no-model-x"],
-                       cwd=REPO_ROOT, env=server_env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "research_rt.launch_server", "--model-path", "no-org/no-model-x"],
+        cwd=REPO_ROOT,
+        env=server_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "no-org/no-model-x (repository not found)" in r.stdout + r.stderr

@@ -26,14 +26,20 @@ def test_update_and_back(server, tiny_dir, tiny_dir_b):
     assert model_path(server) == str(tiny_dir)
     r = requests.post(server.base_url + "/update_weights_from_disk", json={"model_path": str(tiny_dir_b)})
     assert r.status_code == 200
-    assert r.json() == {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+    assert r.json() == {
+        "success": True,
+        "message": "Succeeded to update model weights.",
+        "num_paused_requests": 0,
+    }
     assert model_path(server) == str(tiny_dir_b)
     assert requests.get(server.base_url + "/v1/models").json()["data"][0]["id"] == str(tiny_dir_b)
     assert requests.get(server.base_url + "/get_model_info").json()["tokenizer_path"] == str(tiny_dir)
     assert gen(server) != base
     info = requests.get(server.base_url + "/get_server_info").json()
     assert info["model_path"] == str(tiny_dir_b) and info["kv_pool_whole"] is True
-    r = requests.post(server.base_url + "/update_weights", json={"model_path": str(tiny_dir), "load_format": None})
+    r = requests.post(
+        server.base_url + "/update_weights", json={"model_path": str(tiny_dir), "load_format": None}
+    )
     assert r.status_code == 200 and r.json()["success"] is True
     assert model_path(server) == str(tiny_dir) and gen(server) == base
     assert "Start update_weights. Load format=auto" in server.log()
@@ -41,16 +47,19 @@ def test_update_and_back(server, tiny_dir, tiny_dir_b):
 
 def test_update_failures(server, tiny_dir, tmp_path):
     base = gen(server)
-    r = requests.post(server.base_url + "/update_weights_from_disk",
-                      json={"model_path": "meta-llama/Llama-3.2-1B-wrong"})
+    r = requests.post(
+        server.base_url + "/update_weights_from_disk", json={"model_path": "meta-llama/Llama-3.2-1B-wrong"}
+    )
     assert r.status_code == 400
     assert r.json() == {
         "success": False,
         "message": "Failed to get weights iterator: meta-llama/Llama-3.2-1B-wrong (repository not found).",
         "num_paused_requests": 0,
     }
-    r = requests.post(server.base_url + "/update_weights_from_disk",
-                      json={"model_path": str(tiny_dir), "load_format": "bitsandbytes"})
+    r = requests.post(
+        server.base_url + "/update_weights_from_disk",
+        json={"model_path": str(tiny_dir), "load_format": "bitsandbytes"},
+    )
     assert r.status_code == 400 and r.json()["message"] == "Failed to get model loader: bitsandbytes."
     assert model_path(server) == str(tiny_dir) and gen(server) == base
 
