@@ -12,7 +12,7 @@ import uuid
 from typing import Any
 
 from sanic import Request, Sanic
-from sanic.response import HTTPResponse, empty, json, text
+from sanic.response import HTTPResponse, json, raw, text
 
 import research_rt
 from research_rt.engine.io_struct import GenerateInput, RequestError
@@ -135,7 +135,7 @@ async def get_load(request: Request) -> HTTPResponse:
 
 
 async def health(request: Request) -> HTTPResponse:
-    return empty(status=200)
+    return raw(b"", status=200, content_type="text/plain; charset=utf-8")
 
 
 async def health_generate(request: Request) -> HTTPResponse:
@@ -159,7 +159,7 @@ async def health_generate(request: Request) -> HTTPResponse:
     except Exception:  # noqa: BLE001 - any failure is "unhealthy"
         logger.exception("health_generate failed")
         ok = False
-    return empty(status=200 if ok else 503)
+    return raw(b"", status=200 if ok else 503, content_type="text/plain; charset=utf-8")
 
 
 async def flush_cache(request: Request) -> HTTPResponse:
@@ -199,7 +199,7 @@ async def abort_request(request: Request) -> HTTPResponse:
     if not abort_all and not rid:
         raise RequestError("Provide 'rid' (a request id) or 'abort_all': true.")
     _state(request).engine.abort_request(None if abort_all else rid)
-    return empty(status=200)
+    return raw(b"", status=200, content_type="text/plain; charset=utf-8")
 
 
 def check_embedding_input(body: dict[str, Any]) -> None:

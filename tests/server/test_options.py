@@ -16,7 +16,7 @@ from research_rt import utils
 
 
 def test_api_key(tiny_server_factory):
-    server = tiny_server_factory(["--api-key", "sk-123"])
+    server = tiny_server_factory(["--api-key", "sk-123", "--log-requests"])
     base = server.base_url
     body = {"text": "hi", "sampling_params": {"max_new_tokens": 2}}
     for headers in (
@@ -34,7 +34,12 @@ def test_api_key(tiny_server_factory):
     assert requests.get(base + "/v1/models", headers=ok).status_code == 200
     assert requests.get(base + "/health").status_code == 200
     assert requests.get(base + "/health_generate").status_code == 200
-    assert "The server is fired up and ready to roll!" in server.log()  # warm-up sent the key
+    deadline = time.monotonic() + 5  # access lines are written just after the response
+    while '/health_generate" 200' not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log()
+    assert "The server is fired up and ready to roll!" in log  # the warm-up sent the key
+    assert '/v1/models" 401' in log and '/health_generate" 200' in log  # --log-requests access lines
 
 
 def test_skip_tokenizer_init_via_launch_server_cmd(tiny_dir, monkeypatch):
