@@ -1,0 +1,450 @@
+"""OpenAI-compatible API: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings.
+
+Requests are mapped onto `/generate` inputs (SGLang's adapter mapping, see native_api.md §4);
+errors are `{"object": "error", "message", "type": "BadRequestError", "param", "code"}`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from typing import Any
+
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse, json
+
+from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.server.native import check_embedding_input
+from research_rt.server.protocol import (
+    SSE_DONE,
+    abort_error,
+    ids_or_batch,
+    int_list,
+    openai_error_body,
+    parse_json,
+    sse,
+)
+from research_rt.server.state import ServerState
+
+SAMPLING_KEYS = {  # OpenAI / SGLang-extra request key -> sampling_params key
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "n": "n",
+    "stop": "stop",
+    "stop_token_ids": "stop_token_ids",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "min_tokens": "min_new_tokens",
+    "regex": "regex",
+    "json_schema": "json_schema",
+    "ebnf": "ebnf",
+    "ignore_eos": "ignore_eos",
+    "no_stop_trim": "no_stop_trim",
+    "skip_special_tokens": "skip_special_tokens",
+    "seed": "seed",
+}
+
+
+def _sampling(body: dict[str, Any], max_tokens: int | None, temperature: float) -> dict[str, Any]:
+    sp = {dst: body[src] for src, dst in SAMPLING_KEYS.items() if body.get(src) is not None}
+    n = sp.get("n", 1)
+    _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "Field 'n' must be a positive integer.")
+    sp.setdefault("temperature", temperature)
+    limit = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
+    sp["max_new_tokens"] = limit
+    return sp
+
+
+def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
+    reason = meta.get("finish_reason")
+    if not reason:
+        return None, None
+    return reason["type"], reason.get("matched")
+
+
+def _usage(state: ServerState, finals: list[dict[str, Any]], n: int) -> dict[str, Any]:
+    prompt = sum(r["meta_info"]["prompt_tokens"] for i, r in enumerate(finals) if i % n == 0)
+    completion = sum(r["meta_info"]["completion_tokens"] for r in finals)
+    cached = sum(r["meta_info"]["cached_tokens"] for r in finals)
+    details = {"cached_tokens": cached} if state.server_args.enable_cache_report else None
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": details,
+    }
+
+
+def _completion_logprobs(entries: list[Any], tops: list[Any] | None) -> dict[str, Any]:
+    return {
+        "text_offset": [-1] * len(entries),
+        "token_logprobs": [e[0] for e in entries],
+        "tokens": [e[2] for e in entries],
+        "top_logprobs": [
+            None if t is None else {x[2]: x[0] for x in t} for t in (tops or [None] * len(entries))
+        ],
+    }
+
+
+def _chat_logprobs(entries: list[Any], tops: list[Any] | None) -> dict[str, Any]:
+    def item(e: Any) -> dict[str, Any]:
+        tok = e[2] or ""
+        return {"token": tok, "bytes": list(tok.encode("utf-8")), "logprob": e[0]}
+
+    tops = tops or [[] for _ in entries]
+    return {
+        "content": [{**item(e), "top_logprobs": [item(x) for x in t or []]} for e, t in zip(entries, tops)]
+    }
+
+
+async def _stream(
+    request: Request,
+    state: ServerState,
+    obj: GenerateInput,
+    n: int,
+    make_chunks: Any,
+    include_usage: bool,
+    base: dict[str, Any],
+) -> None:
+    """Drive one OpenAI stream: `make_chunks(index, resp, finished)` returns the chunks to send."""
+    finals: dict[int, dict[str, Any]] = {}
+    async with contextlib.aclosing(state.generate(obj)) as events:
+        try:
+            first = await events.__anext__()
+        except StopAsyncIteration:
+            first = None
+        response = await request.respond(
+            content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        try:
+            pending = [first] if first is not None else []
+            async for event in _chain(pending, events):
+                index, resp, finished = event
+                if finished:
+                    err = abort_error(resp)
+                    if err is not None:
+                        raise RequestError(*err)
+                    finals[index] = resp
+                for chunk in make_chunks(index, resp, finished):
+                    await response.send(sse(chunk))
+            if include_usage:
+                ordered = [finals[i] for i in sorted(finals)]
+                await response.send(sse({**base, "choices": [], "usage": _usage(state, ordered, n)}))
+        except RequestError as e:
+            await response.send(sse({"error": openai_error_body(e.message, e.status_code)}))
+        await response.send(SSE_DONE)
+        await response.eof()
+
+
+async def _chain(first: list[Any], rest: Any) -> Any:
+    for x in first:
+        yield x
+    async for x in rest:
+        yield x
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise RequestError(message)
+
+
+async def completions(request: Request) -> HTTPResponse | None:
+    state = _state(request)
+    body = parse_json(request.body)
+    prompt = body.get("prompt")
+    _check(prompt is not None, "Field 'prompt' is required.")
+    _check(
+        isinstance(prompt, str)
+        or (isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or ids_or_batch(prompt))),
+        "Field 'prompt' must be a string, a list of strings, a list of token ids or a list of such lists.",
+    )
+    logprobs, echo = body.get("logprobs"), bool(body.get("echo", False))
+    _check(
+        logprobs is None or (isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs >= 0),
+        "Field 'logprobs' must be a non-negative integer or null.",
+    )
+    is_ids = isinstance(prompt, list) and bool(prompt) and (int_list(prompt) or isinstance(prompt[0], list))
+    obj = GenerateInput(
+        text=None if is_ids else prompt,
+        input_ids=prompt if is_ids else None,
+        sampling_params=_sampling(body, 16, 1.0),
+        return_logprob=logprobs is not None,
+        top_logprobs_num=logprobs or 0,
+        logprob_start_len=0 if echo and logprobs is not None else -1,
+        return_text_in_logprobs=True,
+        stream=bool(body.get("stream", False)),
+    )
+    prompts, _ = obj.prompts()
+    n = int(obj.sampling_params.get("n", 1))  # type: ignore[union-attr]
+    tok = state.tokenizer
+
+    def prompt_text(i: int) -> str:
+        p = prompts[i // n]
+        return p if isinstance(p, str) else (tok.decode(p) if tok is not None else "")
+
+    base = {
+        "id": "cmpl-" + uuid.uuid4().hex,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.get("model") or state.served_model_name,
+    }
+
+    def logprob_block(
+        meta: dict[str, Any], out_from: int = 0, with_input: bool = False
+    ) -> dict[str, Any] | None:
+        if logprobs is None:
+            return None
+        entries = meta["output_token_logprobs"][out_from:]
+        tops = meta.get("output_top_logprobs", [])[out_from:] if logprobs else None
+        if with_input:
+            entries = meta["input_token_logprobs"] + entries
+            tops = (meta.get("input_top_logprobs", []) + tops) if tops is not None else None
+        return _completion_logprobs(entries, tops)
+
+    if obj.stream:
+        sent_text: dict[int, int] = {}
+        sent_lp: dict[int, int] = {}
+
+        def chunks(index: int, resp: dict[str, Any], finished: bool) -> list[dict[str, Any]]:
+            meta, text = resp["meta_info"], resp.get("text", "")
+            first = index not in sent_text
+            delta = text[sent_text.get(index, 0) :]
+            lp = logprob_block(meta, sent_lp.get(index, 0), first and echo)
+            sent_text[index] = len(text)
+            sent_lp[index] = meta["completion_tokens"]
+            if first and echo:
+                delta = prompt_text(index) + delta
+            reason, matched = _finish(meta)
+            if not delta and not finished and not lp:
+                return []
+            choice = {
+                "index": index,
+                "text": delta,
+                "logprobs": lp,
+                "finish_reason": reason,
+                "matched_stop": matched,
+            }
+            return [{**base, "choices": [choice]}]
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        await _stream(request, state, obj, n, chunks, include_usage, base)
+        return None
+
+    finals = await state.collect(obj)
+    choices = []
+    for i, resp in enumerate(finals):
+        meta = resp["meta_info"]
+        reason, matched = _finish(meta)
+        text = (prompt_text(i) if echo else "") + resp.get("text", "")
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "logprobs": logprob_block(meta, 0, echo),
+                "finish_reason": reason,
+                "matched_stop": matched,
+            }
+        )
+    return json(
+        {
+            **base,
+            "id": "cmpl-" + finals[0]["meta_info"]["id"],
+            "choices": choices,
+            "usage": _usage(state, finals, n),
+        }
+    )
+
+
+def _chat_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
+    messages = body.get("messages")
+    _check(isinstance(messages, list) and bool(messages), "Field 'messages' must be a non-empty list.")
+    tok = state.tokenizer
+    if tok is None:
+        raise RequestError("Chat completions need a tokenizer: the server runs with --skip-tokenizer-init.")
+    msgs = []
+    for i, m in enumerate(messages):
+        _check(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool", "developer"),
+            f"messages[{i}] must be an object with a role in system, user, assistant, tool.",
+        )
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                _check(
+                    isinstance(part, dict)
+                    and part.get("type") == "text"
+                    and isinstance(part.get("text"), str),
+                    f"messages[{i}].content: only text parts are supported.",
+                )
+                parts.append(part["text"])
+            content = "".join(parts)
+        _check(
+            content is None or isinstance(content, str), f"messages[{i}].content must be a string or a list."
+        )
+        msgs.append({**m, "content": content or ""})
+    prefill = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None
+    try:
+        prompt = tok.apply_chat_template(
+            msgs, tools=body.get("tools"), tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # noqa: BLE001 - a template error is the client's input
+        raise RequestError(f"The chat template could not render these messages: {e}") from e
+    ids = tok.encode(prompt, add_special_tokens=False)
+    if prefill:
+        ids += tok.encode(prefill, add_special_tokens=False)
+    return ids
+
+
+async def chat_completions(request: Request) -> HTTPResponse | None:
+    state = _state(request)
+    body = parse_json(request.body)
+    ids = _chat_prompt(state, body)
+    want_lp = bool(body.get("logprobs", False))
+    top = body.get("top_logprobs") or 0
+    _check(
+        isinstance(top, int) and not isinstance(top, bool) and top >= 0,
+        "Field 'top_logprobs' must be an integer.",
+    )
+    sp = _sampling(body, None, 0.7)
+    fmt = body.get("response_format") or {}
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+        sp["json_schema"] = str((fmt.get("json_schema") or {}).get("schema", {"type": "object"}))
+    obj = GenerateInput(
+        input_ids=ids,
+        sampling_params=sp,
+        return_logprob=want_lp,
+        top_logprobs_num=top,
+        return_text_in_logprobs=True,
+        stream=bool(body.get("stream", False)),
+    )
+    n = int(sp.get("n", 1))
+    base = {
+        "id": "chatcmpl-" + uuid.uuid4().hex,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model") or state.served_model_name,
+    }
+
+    def lp_block(meta: dict[str, Any], start: int = 0) -> dict[str, Any] | None:
+        if not want_lp:
+            return None
+        return _chat_logprobs(
+            meta["output_token_logprobs"][start:], meta.get("output_top_logprobs", [])[start:] or None
+        )
+
+    if obj.stream:
+        sent: dict[int, tuple[int, int]] = {}
+
+        def chunks(index: int, resp: dict[str, Any], finished: bool) -> list[dict[str, Any]]:
+            meta, text = resp["meta_info"], resp.get("text", "")
+            out = []
+            if index not in sent:
+                out.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            chars, toks = sent.get(index, (0, 0))
+            delta, lp = text[chars:], lp_block(meta, toks)
+            sent[index] = (len(text), meta["completion_tokens"])
+            if delta or (lp and lp["content"]):
+                out.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {"content": delta},
+                                "logprobs": lp,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
+            if finished:
+                reason, matched = _finish(meta)
+                out.append(
+                    {
+                        **base,
+                        "choices": [
+                            {
+                                "index": index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": reason,
+                                "matched_stop": matched,
+                            }
+                        ],
+                    }
+                )
+            return out
+
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        await _stream(request, state, obj, n, chunks, include_usage, base)
+        return None
+
+    finals = await state.collect(obj)
+    choices = []
+    for i, resp in enumerate(finals):
+        reason, matched = _finish(resp["meta_info"])
+        message = {
+            "role": "assistant",
+            "content": resp.get("text", ""),
+            "reasoning_content": None,
+            "tool_calls": None,
+        }
+        choices.append(
+            {
+                "index": i,
+                "message": message,
+                "logprobs": lp_block(resp["meta_info"]),
+                "finish_reason": reason,
+                "matched_stop": matched,
+            }
+        )
+    return json({**base, "object": "chat.completion", "choices": choices, "usage": _usage(state, finals, n)})
+
+
+async def models(request: Request) -> HTTPResponse:
+    state = _state(request)
+    name = state.served_model_name
+    card = {
+        "id": name,
+        "object": "model",
+        "created": int(state.started),
+        "owned_by": "sglang",
+        "root": name,
+        "max_model_len": state.engine.context_len,
+    }
+    return json({"object": "list", "data": [card]})
+
+
+async def embeddings(request: Request) -> HTTPResponse:
+    body = parse_json(request.body)
+    _check(body.get("input") is not None, "Field 'input' is required.")
+    check_embedding_input({"text": body["input"]})
+    raise AssertionError("unreachable")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.ctx.state
+
+
+def register(app: Sanic) -> None:
+    app.add_route(models, "/v1/models", methods=["GET"])
+    app.add_route(completions, "/v1/completions", methods=["POST"])
+    app.add_route(chat_completions, "/v1/chat/completions", methods=["POST"])
+    app.add_route(embeddings, "/v1/embeddings", methods=["POST"])

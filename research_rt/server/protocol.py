@@ -1,0 +1,136 @@
+"""Request bodies in, JSON and SSE out: parsing and type checks with messages naming the field.
+
+Upstream parses bodies with FastAPI (wrong types -> 422, unknown sampling keys -> 500); research_rt
+answers 400 `{"error": {"message": ...}}` for every client mistake, naming the offending field.
+Unknown top-level keys are ignored (as upstream), so SGLang clients that send extras still work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from research_rt.engine.io_struct import GenerateInput, RequestError
+
+
+def parse_json(body: bytes | None, required: bool = True) -> dict[str, Any]:
+    """The request body as a JSON object; `{}` for an empty body when not `required`."""
+    if not body or not body.strip():
+        if required:
+            raise RequestError("The request body is empty: expected a JSON object.")
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RequestError(f"Malformed JSON body: {e}.") from e
+    if not isinstance(data, dict):
+        raise RequestError(f"The request body must be a JSON object, got {_type(data)}.")
+    return data
+
+
+def _type(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def one_or_list(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: check(v) or (isinstance(v, list) and all(check(x) for x in v))
+
+
+def int_list(v: Any) -> bool:
+    return isinstance(v, list) and all(is_int(x) for x in v)
+
+
+def ids_or_batch(v: Any) -> bool:
+    return int_list(v) or (isinstance(v, list) and all(int_list(x) for x in v))
+
+
+# field -> (check, expected-type text)
+GENERATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "text": (one_or_list(lambda v: isinstance(v, str)), "a string or a list of strings"),
+    "input_ids": (ids_or_batch, "a list of token ids or a list of such lists"),
+    "sampling_params": (one_or_list(lambda v: isinstance(v, dict)), "an object or a list of objects"),
+    "rid": (one_or_list(lambda v: isinstance(v, str)), "a string or a list of strings"),
+    "return_logprob": (one_or_list(lambda v: isinstance(v, bool)), "a boolean or a list of booleans"),
+    "logprob_start_len": (one_or_list(is_int), "an integer or a list of integers"),
+    "top_logprobs_num": (
+        one_or_list(lambda v: is_int(v) and v >= 0),
+        "a non-negative integer or a list of them",
+    ),
+    "token_ids_logprob": (ids_or_batch, "a list of token ids or a list of such lists"),
+    "return_text_in_logprobs": (lambda v: isinstance(v, bool), "a boolean"),
+    "stream": (lambda v: isinstance(v, bool), "a boolean"),
+    "return_hidden_states": (lambda v: isinstance(v, bool), "a boolean"),
+    "log_metrics": (lambda v: isinstance(v, bool), "a boolean"),
+    "custom_logit_processor": (one_or_list(lambda v: isinstance(v, str)), "a string"),
+}
+UNSUPPORTED_FIELDS = ("image_data", "audio_data", "lora_path", "session_params", "input_embeds")
+
+
+def check_fields(data: dict[str, Any], spec: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    for name, (check, expected) in spec.items():
+        value = data.get(name)
+        if value is not None and not check(value):
+            raise RequestError(f"Field '{name}' must be {expected}, got {_type(value)}.")
+
+
+def generate_input(data: dict[str, Any]) -> GenerateInput:
+    """A `/generate` body -> GenerateInput (types checked here; values checked by the engine)."""
+    check_fields(data, GENERATE_FIELDS)
+    for name in UNSUPPORTED_FIELDS:
+        if data.get(name) is not None:
+            raise RequestError(f"Field '{name}' is not supported by research_rt.")
+    kwargs = {
+        k: data[k] for k in GENERATE_FIELDS if data.get(k) is not None and k != "custom_logit_processor"
+    }
+    for key in ("return_text_in_logprobs", "stream", "return_hidden_states", "log_metrics"):
+        kwargs.setdefault(key, GenerateInput.__dataclass_fields__[key].default)
+    obj = GenerateInput(**kwargs)
+    obj.prompts()  # both/neither text and input_ids, empty lists -> RequestError now
+    return obj
+
+
+def is_single(obj: GenerateInput) -> bool:
+    """Whether the response is one object (not a list): a single prompt with n == 1."""
+    _, single = obj.prompts()
+    sp = obj.sampling_params
+    n = sp.get("n", 1) if isinstance(sp, dict) else 1
+    return single and n == 1 and not isinstance(sp, list)
+
+
+def error_body(message: str) -> dict[str, Any]:
+    return {"error": {"message": message}}
+
+
+def openai_error_body(message: str, status: int = 400) -> dict[str, Any]:
+    return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
+
+
+def sse(data: Any) -> str:
+    """One server-sent event: `data: <compact json>\\n\\n`."""
+    return "data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def abort_error(resp: dict[str, Any]) -> tuple[str, int] | None:
+    """(message, status) when a finished response is an abort that should become an HTTP error."""
+    reason = resp["meta_info"].get("finish_reason") or {}
+    if (
+        reason.get("type") == "abort"
+        and reason.get("status_code") is not None
+        and reason["status_code"] >= 400
+    ):
+        return reason.get("message") or "Request aborted.", int(reason["status_code"])
+    return None
