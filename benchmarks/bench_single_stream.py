@@ -1,6 +1,6 @@
 """Single-stream greedy decode speed: research_rt (eager / compiled, float32 / bfloat16) vs transformers.
 
-    .venv/bin/python -m benchmarks.bench_single_stream [--new-tokens 128] [--configs eager-bf16,compile-bf16]
+.venv/bin/python -m benchmarks.bench_single_stream [--new-tokens 128] [--configs eager-bf16,compile-bf16]
 """
 
 from __future__ import annotations
@@ -41,7 +41,10 @@ def main() -> None:
     for name in filter(None, args.configs.split(",")):
         tps, warm = research_rt_tokens_per_s(CONFIGS[name], args.new_tokens)
         rows[f"research_rt {name}"] = tps
-        print(f"research_rt {name:14s} {tps:7.1f} tok/s   (first request incl. compile {warm:.1f} s)", flush=True)
+        print(
+            f"research_rt {name:14s} {tps:7.1f} tok/s   (first request incl. compile {warm:.1f} s)",
+            flush=True,
+        )
     for dt in filter(None, args.hf.split(",")):
         from transformers import AutoTokenizer  # noqa: F401
 

@@ -21,11 +21,13 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 def random_prompts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
     """n prompts of lo..hi tokens cut from real text (so the model sees plausible input)."""
     rng = random.Random(seed)
-    words = ("the of and a to in is you that it he was for on are as with his they at be this have from "
-             "or one had by word but not what all were we when your can said there use an each which she "
-             "do how their if will up other about out many then them these so some her would make like him "
-             "into time has look two more write go see number no way could people my than first water been "
-             "call who oil its now find long down day did get come made may part").split()
+    words = (
+        "the of and a to in is you that it he was for on are as with his they at be this have from "
+        "or one had by word but not what all were we when your can said there use an each which she "
+        "do how their if will up other about out many then them these so some her would make like him "
+        "into time has look two more write go see number no way could people my than first water been "
+        "call who oil its now find long down day did get come made may part"
+    ).split()
     ids = tokenizer.encode(" ".join(rng.choice(words) for _ in range(hi * 2)))
     return [ids[(s := rng.randrange(0, len(ids) - hi)) : s + rng.randint(lo, hi)] for _ in range(n)]
 
@@ -48,9 +50,16 @@ def hf_generate_tokens_per_s(model, prompts: list[list[int]], new_tokens: int, b
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            dt, _ = timed(lambda ids=ids, mask=mask: model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                do_sample=False, pad_token_id=0))
+            dt, _ = timed(
+                lambda ids=ids, mask=mask: model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            )
         elapsed += dt
         total += new_tokens * len(chunk)
     return total / elapsed

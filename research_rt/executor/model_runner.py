@@ -43,6 +43,12 @@ class ModelRunner:
     def __init__(self, args: ServerArgs, source: ModelSource, config: Any) -> None:
         self.args = args
         self.device = torch.device(args.device)
+        derived = int(config.max_position_embeddings)
+        if args.context_length and args.context_length > derived:
+            raise ValueError(
+                f"User-specified context_length ({args.context_length}) is greater than the derived context_length "
+                f"({derived}) of the model; the rotary tables and trained positions end there."
+            )
         loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.context_len = args.context_length or int(config.max_position_embeddings)
