@@ -64,14 +64,12 @@ class TorchNativeAttnBackend:
         k_buf.index_copy_(0, batch.out_cache_loc, k.to(k_buf.dtype))
         v_buf.index_copy_(0, batch.out_cache_loc, v.to(v_buf.dtype))
 
-        bs = batch.batch_size
+        if batch.mode is ForwardMode.DECODE:
+            return self._decode(q, k_buf, v_buf, layer, batch)
         keys = k_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)  # [B, KVH, Lk, D]
         values = v_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)
-        if batch.mode is ForwardMode.DECODE:
-            queries = q.view(bs, 1, layer.num_heads, layer.head_dim).transpose(1, 2)
-        else:
-            padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.q_gather]  # [B, Lq, H, D]
-            queries = padded.transpose(1, 2)
+        padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.q_gather]  # [B, Lq, H, D]
+        queries = padded.transpose(1, 2)
         out = F.scaled_dot_product_attention(
             queries,
             keys,
@@ -81,6 +79,22 @@ class TorchNativeAttnBackend:
             enable_gqa=layer.num_heads != layer.num_kv_heads,
         )  # [B, H, Lq, D]
         out = out.transpose(1, 2).reshape(-1, layer.num_heads * layer.head_dim)
-        if batch.mode is ForwardMode.DECODE:
-            return out
         return out[batch.q_scatter]
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """One query per request, written out (no SDPA kernel launch per layer): the query heads of
+        a KV group share one matmul against that group's keys; softmax in float32."""
+        bs, kvh, d = batch.batch_size, layer.num_kv_heads, layer.head_dim
+        group = layer.num_heads // kvh
+        keys = k_buf[batch.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
+        values = v_buf[batch.kv_indices].to(q.dtype)
+        queries = q.view(bs, kvh, group, d)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.einsum("bhgd,bkhd->bhgk", queries, keys).to(acc) * layer.scaling
+        scores = scores.masked_fill(~batch.attn_mask.view(bs, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.einsum("bhgk,bkhd->bhgd", probs, values)
+        return out.reshape(bs, layer.num_heads * d)
