@@ -31,6 +31,7 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+	$(PY) -m pytest -q benchmarks/test_micro.py --benchmark-only --benchmark-columns=mean,stddev,rounds
 
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments

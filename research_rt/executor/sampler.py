@@ -45,19 +45,41 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     return logits - freq * counts - pres * (counts > 0).float()
 
 
-def filter_probs(
-    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """Zero out tokens outside top-k, the top-p nucleus and below min_p x max; renormalise."""
-    sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
-    ranks = torch.arange(probs.shape[-1])[None, :]
-    cum_before = sorted_probs.cumsum(-1) - sorted_probs
-    keep = (ranks < top_k[:, None]) & (cum_before < top_p[:, None])
-    keep &= sorted_probs >= min_p[:, None] * sorted_probs[:, :1]
-    keep[:, 0] = True
-    sorted_probs = sorted_probs * keep
-    out = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+CANDIDATES = 1024  # top-k/top-p usually keep far fewer tokens: filter among the top 1024, not a full sort
+
+
+def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Zero out tokens outside top-k, the top-p nucleus and below min_p x max; renormalise.
+
+    Rows that truncate look only at their `CANDIDATES` most likely tokens when that provably holds
+    the kept set (top_k within it, or the candidates' mass already reaches top_p); otherwise they
+    fall back to a full sort. The most likely token is always kept.
+    """
+    vocab = probs.shape[-1]
+    truncating = ((top_k < vocab) | (top_p < 1.0)).nonzero().flatten()
+    out = probs.clone()
+    if truncating.numel():
+        p = probs[truncating]
+        k, tp = top_k[truncating], top_p[truncating]
+        width = min(vocab, int(k.max()), CANDIDATES)
+        vals, idx = p.topk(width, dim=-1)
+        if width < vocab and not bool(((k <= width) | (vals.sum(-1) >= tp)).all()):
+            vals, idx = p.sort(dim=-1, descending=True)
+        ranks = torch.arange(vals.shape[-1])[None, :]
+        keep = (ranks < k[:, None]) & ((vals.cumsum(-1) - vals) < tp[:, None])
+        keep[:, 0] = True
+        out[truncating] = torch.zeros_like(p).scatter_(-1, idx, vals * keep)
+    if bool((min_p > 0).any()):
+        out = out * (probs >= min_p[:, None] * probs.max(-1, keepdim=True).values)
     return out / out.sum(-1, keepdim=True)
+
+
+def sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One draw per row by inverse CDF: a single uniform from the row's own generator, searched in
+    the row's cumulative sum (right side: a token of probability zero is never picked)."""
+    u = torch.cat([torch.rand(1, generator=gen) for gen in generators])
+    cdf = probs.float().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0].tolist()
 
 
 class Sampler:
@@ -89,6 +111,6 @@ class Sampler:
                 torch.tensor([reqs[i].sampling.top_p for i in sampled], dtype=torch.float32),
                 torch.tensor([reqs[i].sampling.min_p for i in sampled], dtype=torch.float32),
             )
-            for row, i in enumerate(sampled):
-                next_ids[i] = int(torch.multinomial(probs[row], 1, generator=reqs[i].generator))
+            for i, tok in zip(sampled, sample_rows(probs, [reqs[i].generator for i in sampled])):
+                next_ids[i] = tok
         return SampleResult(next_ids, logprobs)

@@ -1,0 +1,83 @@
+"""`make bench`: every workload in one invocation, research_rt next to transformers, a table and a plot.
+
+Ratios are only meaningful within one run on one quiet machine: the table prints them next to the
+raw figures. Results are written to benchmarks/out/results.json and benchmarks/out/bench.png; copy
+the table into benchmarks/RESULTS.md with the command and machine when it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).parent / "out"
+
+
+def run(module: str, *args: str) -> dict:
+    path = OUT / f"{module.rsplit('.', 1)[-1]}.json"
+    cmd = [sys.executable, "-m", module, *args, "--json", str(path)]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return json.loads(path.read_text())
+
+
+def main() -> None:
+    OUT.mkdir(exist_ok=True)
+    single = run(
+        "benchmarks.bench_single_stream",
+        "--configs",
+        os.environ.get("BENCH_CONFIGS", "eager-bf16,compile-bf16,compile-fp32"),
+    )
+    offline = run("benchmarks.bench_offline", "--dtype", "bfloat16")
+    serving = run("benchmarks.bench_serving", "--num-prompts", "32", "--rate", "2", "--new-tokens", "64")
+    results = {
+        "single_stream_tok_s": single,
+        "offline": offline,
+        "serving": serving,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+
+    hf_single = max(v for k, v in single.items() if k.startswith("transformers"))
+    best_single = max(v for k, v in single.items() if k.startswith("research_rt"))
+    ours_tp = next(v for k, v in offline.items() if k.startswith("research_rt"))
+    hf_tp = offline.get("transformers bf16 batch16", float("nan"))
+    on, off = offline["shared prefix seconds radix=on"], offline["shared prefix seconds radix=off"]
+    lines = [
+        "| workload | research_rt | baseline | ratio |",
+        "|---|---|---|---|",
+        f"| single stream, 128 tokens (tok/s) | {best_single:.1f} | transformers best {hf_single:.1f} | {best_single / hf_single:.2f}x |",
+        f"| 64 prompts x 128 tokens (tok/s) | {ours_tp:.1f} | transformers bf16 batch 16 {hf_tp:.1f} | {ours_tp / hf_tp:.2f}x |",
+        f"| 32 x shared 1024-token prefix (s) | {on:.2f} (radix on) | {off:.2f} (radix off) | {off / on:.2f}x |",
+        f"| HTTP 32 req @2/s: TTFT p50 / ITL p50 | {serving['ttft_p50_s']:.2f} s / {serving['itl_p50_ms']:.1f} ms | | |",
+    ]
+    print("\n".join(lines))
+    (OUT / "table.md").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        names = list(single)
+        axes[0].barh(
+            names, [single[n] for n in names], color=["C0" if "research" in n else "C7" for n in names]
+        )
+        axes[0].set_xlabel("single-stream decode, tok/s")
+        labels = ["research_rt (radix on)", "research_rt (radix off)"]
+        axes[1].barh(labels, [on, off], color=["C0", "C1"])
+        axes[1].set_xlabel("32 requests sharing a 1024-token prefix, seconds")
+        fig.tight_layout()
+        fig.savefig(OUT / "bench.png", dpi=120)
+        print(f"plot: {OUT / 'bench.png'}")
+    except ImportError:
+        print("matplotlib not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
