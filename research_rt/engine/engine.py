@@ -168,6 +168,8 @@ class Engine:
             sent = dict.fromkeys(index_of, 0)
             while remaining:
                 out = await events.get()
+                if _skippable(out, obj, sent):
+                    continue
                 i = index_of[out.req.rid]
                 resp = self.front.response(
                     out.req,
@@ -188,8 +190,12 @@ class Engine:
     ) -> Iterator[Event]:
         index_of = {r.rid: i for i, r in enumerate(reqs)}
         remaining = set(index_of)
+        seen = dict.fromkeys(index_of, 0)
         while remaining:
             out = get()
+            if _skippable(out, obj, seen):
+                continue
+            seen[out.req.rid] = len(out.req.output_ids)
             if out.finished:
                 remaining.discard(out.req.rid)
             resp = self.front.response(out.req, out.text, obj.return_text_in_logprobs)
@@ -232,6 +238,12 @@ class Engine:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _skippable(out: ReqOutput, obj: GenerateInput, reported: dict[str, int]) -> bool:
+    """A non-streaming caller needs only the first token (time to first token) and the final
+    state: skip building a response for every step in between."""
+    return not obj.stream and not out.finished and reported[out.req.rid] > 0
 
 
 def _generation_eos(source) -> Any:

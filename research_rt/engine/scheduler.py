@@ -321,14 +321,13 @@ class Scheduler:
         self._drop_aborted()
         if not self.running or not self._ensure_decode_room():
             return
-        for req in self.running:
-            slot = self.kv_pool.alloc(1)
-            assert slot is not None
-            self.req_to_token.table[req.req_pool_row, req.kv_len] = slot[0]
+        out_loc = self.kv_pool.alloc(len(self.running))
+        assert out_loc is not None
+        rows = torch.tensor([r.req_pool_row for r in self.running])
+        self.req_to_token.table[rows, torch.tensor([r.kv_len for r in self.running])] = out_loc
         if self._decode_tokens_since_log == 0:  # throughput counts decoding time, not idle time
             self._decode_log_start = time.monotonic()
         steps = [StepInput(r, r.kv_len, 1) for r in self.running]
-        out_loc = torch.stack([self.req_to_token.table[r.req_pool_row, r.kv_len] for r in self.running])
         batch = self.runner.make_batch(
             ForwardMode.DECODE,
             steps,

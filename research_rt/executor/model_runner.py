@@ -110,16 +110,21 @@ class ModelRunner:
         out_cache_loc: torch.Tensor,
         capture_hidden: bool = False,
     ) -> ForwardBatch:
-        ids, pos = [], []
-        for it in items:
-            ids.extend(it.req.fill_ids[it.start : it.start + it.length])
-            pos.extend(range(it.start, it.start + it.length))
+        if mode is ForwardMode.DECODE:  # the one new token is the last of fill_ids
+            ids = [(it.req.output_ids or it.req.input_ids)[-1] for it in items]
+            pos = [it.start for it in items]
+        else:
+            ids, pos = [], []
+            for it in items:
+                ids.extend(it.req.fill_ids[it.start : it.start + it.length])
+                pos.extend(range(it.start, it.start + it.length))
         rows = torch.tensor([it.req.req_pool_row for it in items], dtype=torch.int64)
+        max_len = max(it.start + it.length for it in items)
         kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
             mode,
             [it.start for it in items],
             [it.length for it in items],
-            self.req_to_token.table[rows],
+            self.req_to_token.table[rows, :max_len],
         )
         return ForwardBatch(
             mode=mode,

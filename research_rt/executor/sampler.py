@@ -48,7 +48,9 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
 CANDIDATES = 1024  # top-k/top-p usually keep far fewer tokens: filter among the top 1024, not a full sort
 
 
-def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def filter_probs(
+    probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
     """Zero out tokens outside top-k, the top-p nucleus and below min_p x max; renormalise.
 
     Rows that truncate look only at their `CANDIDATES` most likely tokens when that provably holds
@@ -79,7 +81,11 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -
     the row's cumulative sum (right side: a token of probability zero is never picked)."""
     u = torch.cat([torch.rand(1, generator=gen) for gen in generators])
     cdf = probs.float().cumsum(-1)
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=probs.shape[-1] - 1)[:, 0].tolist()
+    return (
+        torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+        .clamp_(max=probs.shape[-1] - 1)[:, 0]
+        .tolist()
+    )
 
 
 class Sampler:

@@ -42,8 +42,9 @@ def test_low_precision_dtypes_match_transformers(tmp_path, dtype):
     with research_rt.Engine(str(path), dtype=dtype, skip_tokenizer_init=True) as engine:
         assert engine.runner.dtype == getattr(torch, dtype)
         assert engine.runner.kv_pool.k_buffers[0].dtype == getattr(torch, dtype)
-        out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True,
-                              logprob_start_len=0)
+        out = engine.generate(
+            input_ids=prompt, sampling_params={"max_new_tokens": 0}, return_logprob=True, logprob_start_len=0
+        )
     ours = torch.tensor([e[0] for e in out["meta_info"]["input_token_logprobs"][1:]])
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
@@ -55,7 +56,9 @@ def test_low_precision_dtypes_match_transformers(tmp_path, dtype):
 def test_dummy_load_format_needs_no_weights(tmp_path):
     path = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "ckpt")
     (path / "model.safetensors").unlink()
-    with research_rt.Engine(str(path), dtype="float32", load_format="dummy", skip_tokenizer_init=True) as engine:
+    with research_rt.Engine(
+        str(path), dtype="float32", load_format="dummy", skip_tokenizer_init=True
+    ) as engine:
         out = engine.generate(input_ids=[4, 5, 6], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
         assert len(out["output_ids"]) == 4
     with pytest.raises(FileNotFoundError):
