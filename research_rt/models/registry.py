@@ -41,4 +41,4 @@ def resolve_model_class(architectures: list[str] | None) -> type:
 
 
 def _import_builtin_models() -> None:
-    from research_rt.models import llama, qwen2, qwen3  # noqa: F401
+    from research_rt.models import llama, mixtral, qwen2, qwen2_moe, qwen3  # noqa: F401
