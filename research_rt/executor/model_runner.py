@@ -68,7 +68,9 @@ class ModelRunner:
         self.graph_runner: DecodeGraphRunner | None = None
         self.expert_recorder = _make_expert_recorder(self.model)
         # grouped MoE dispatch syncs with the host (per-expert counts): it cannot be graph-captured
-        use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph and self.expert_recorder is None
+        use_graphs = (
+            self.device.type == "cuda" and not args.disable_cuda_graph and self.expert_recorder is None
+        )
         if args.enable_torch_compile or use_graphs:
             max_bs = min(args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs, max_reqs)
             self.graph_runner = DecodeGraphRunner(
@@ -137,7 +139,9 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
             capture_hidden=capture_hidden,
-            expert_recorder=self.expert_recorder if self.expert_recorder and self.expert_recorder.recording else None,
+            expert_recorder=self.expert_recorder
+            if self.expert_recorder and self.expert_recorder.recording
+            else None,
         )
 
     @torch.inference_mode()

@@ -65,13 +65,24 @@ class FusedExperts(nn.Module):
             "down": self.w2.data[expert],
         }[kind]
         if dst.shape != tensor.shape:
-            raise ValueError(f"expert {expert} {kind}: checkpoint {tuple(tensor.shape)} vs {tuple(dst.shape)}")
+            raise ValueError(
+                f"expert {expert} {kind}: checkpoint {tuple(tensor.shape)} vs {tuple(dst.shape)}"
+            )
         dst.copy_(tensor)
 
 
 # HF per-expert tensor names: Qwen2-MoE style (gate_proj/up_proj/down_proj) and Mixtral (w1/w3/w2)
-EXPERT_NAME = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
-EXPERT_KIND = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+EXPERT_NAME = re.compile(
+    r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+EXPERT_KIND = {
+    "gate_proj": "gate",
+    "w1": "gate",
+    "up_proj": "up",
+    "w3": "up",
+    "down_proj": "down",
+    "w2": "down",
+}
 
 
 def parse_expert_name(name: str) -> tuple[str, int, str] | None:
