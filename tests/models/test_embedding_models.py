@@ -27,7 +27,9 @@ def cosine(a, b) -> float:
     return float(F.cosine_similarity(torch.tensor(a).double(), torch.as_tensor(b).double(), dim=0))
 
 
-@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM"])
+@pytest.mark.parametrize(
+    "name", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MixtralForCausalLM"]
+)
 def test_decoder_as_embedding_model(name, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -157,7 +159,9 @@ def test_all_minilm_l6_v2_matches_sentence_transformers_pooling():
     path = minilm_dir()
     ref = _reference_sentence_embeddings(path, TEXTS, "mean")
     with research_rt.Engine(str(path), dtype="float32") as engine:
-        assert engine.is_embedding and engine.runner.pooling.mode == "mean" and engine.runner.pooling.normalize
+        assert (
+            engine.is_embedding and engine.runner.pooling.mode == "mean" and engine.runner.pooling.normalize
+        )
         outs = engine.encode(TEXTS)
         for out, r in zip(outs, ref):
             assert len(out["embedding"]) == 384
@@ -189,12 +193,14 @@ def test_tiny_bert_cls_pooling(tmp_path, smollm_tokenizer_dir):
     tok_texts = ["hello world", "a much longer sentence than the first one"]
     with research_rt.Engine(str(tmp_path), dtype="float32") as engine:
         outs = engine.encode(tok_texts)
-    from transformers import AutoModel as AM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tmp_path)
-    model = AM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = AutoModel.from_pretrained(tmp_path, dtype=torch.float32).eval()
     for text, out in zip(tok_texts, outs):
         with torch.no_grad():
             ref = model(torch.tensor([tok.encode(text)])).last_hidden_state[0, 0]
-        assert abs(float(torch.tensor(out["embedding"]).norm()) - float(ref.norm())) < 1e-3 * float(ref.norm())
+        assert abs(float(torch.tensor(out["embedding"]).norm()) - float(ref.norm())) < 1e-3 * float(
+            ref.norm()
+        )
         assert cosine(out["embedding"], ref) > COS_MIN

@@ -17,7 +17,9 @@ from tests.conftest import make_tiny_checkpoint
 )
 def test_expert_counts_and_csv(name, moe_layers, experts, top_k, tmp_path):
     path = make_tiny_checkpoint(name, tmp_path / "ckpt")
-    engine = research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True, disable_radix_cache=True)
+    engine = research_rt.Engine(
+        str(path), dtype="float32", skip_tokenizer_init=True, disable_radix_cache=True
+    )
     try:
         sp = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
         engine.generate(input_ids=[3, 4, 5], sampling_params=sp)  # before recording: not counted
@@ -34,7 +36,9 @@ def test_expert_counts_and_csv(name, moe_layers, experts, top_k, tmp_path):
         assert rows[0] == ["layer_id", "expert_id", "count"]
         body = rows[1:]
         assert all(len(r) == 3 and all(c.isdigit() for c in r) for r in body)
-        assert [(int(r[0]), int(r[1])) for r in body] == [(layer, e) for layer in moe_layers for e in range(experts)]
+        assert [(int(r[0]), int(r[1])) for r in body] == [
+            (layer, e) for layer in moe_layers for e in range(experts)
+        ]
         for layer in moe_layers:
             assert sum(int(r[2]) for r in body if int(r[0]) == layer) == tokens * top_k
         # the dump reset the counts
@@ -47,5 +51,5 @@ def test_expert_counts_and_csv(name, moe_layers, experts, top_k, tmp_path):
 
 
 def test_non_moe_model_has_no_expert_distribution(tiny_engine):
-    with pytest.raises(RequestError, match="not a mixture-of-experts model"):
+    with pytest.raises(RequestError, match="not a MoE"):
         tiny_engine.start_expert_distribution_record()
