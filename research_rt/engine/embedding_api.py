@@ -71,7 +71,7 @@ class EmbeddingAPIMixin:
         recorder = getattr(self.runner, "expert_recorder", None)
         if recorder is None:
             raise RequestError(
-                f"{self.model_path} is not a MoE (mixture-of-experts) model: there is no expert distribution to record."
+                f"{self.model_path} is not a MoE model (no mixture-of-experts layers): there is no expert distribution to record."
             )
         return recorder
 
