@@ -50,14 +50,12 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         args = ServerArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
-    if args.is_embedding:
-        parser.error("--is-embedding: embedding models are not supported by research_rt yet.")
     if args.tp_size != 1 or args.dp_size != 1:
         parser.error("--tp-size and --dp-size must be 1 (research_rt runs one device).")
     return args
 
 
-def warmup(args: ServerArgs, host: str) -> None:
+def warmup(args: ServerArgs, host: str, is_embedding: bool = False) -> None:
     """Wait for the routes, send one small generation, and announce readiness (SGLang's flow)."""
     base = f"http://{host}:{args.port}"
     headers = {"Content-Type": "application/json"}
@@ -75,13 +73,14 @@ def warmup(args: ServerArgs, host: str) -> None:
                 logger.error("Warm-up failed: the server did not answer /get_model_info.")
                 return
             time.sleep(0.5)
-    payload = {"sampling_params": {"temperature": 0, "max_new_tokens": 8}}
+    payload: dict = {} if is_embedding else {"sampling_params": {"temperature": 0, "max_new_tokens": 8}}
     if args.skip_tokenizer_init:
         payload["input_ids"] = [10, 11, 12]
     else:
         payload["text"] = "The capital city of France is"
     try:
-        req = urllib.request.Request(base + "/generate", data=json.dumps(payload).encode(), headers=headers)
+        route = "/encode" if is_embedding else "/generate"
+        req = urllib.request.Request(base + route, data=json.dumps(payload).encode(), headers=headers)
         urllib.request.urlopen(req, timeout=600).read()
     except Exception as e:  # noqa: BLE001
         logger.error("Warm-up request failed: %s", e)
@@ -129,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     @app.after_server_start
     async def _start_warmup(app) -> None:  # noqa: ANN001 - Sanic listener signature
         logger.info("Serving on http://%s:%d", args.host, args.port)
-        threading.Thread(target=warmup, args=(args, connect_host), daemon=True, name="warmup").start()
+        threading.Thread(
+            target=warmup, args=(args, connect_host, engine.is_embedding), daemon=True, name="warmup"
+        ).start()
 
     try:
         app.run(sock=sock, single_process=True, access_log=args.log_requests, motd=False, auto_reload=False)

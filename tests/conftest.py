@@ -42,6 +42,28 @@ TINY_CONFIGS = {
     "MistralForCausalLM": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=None),
     "Qwen2ForCausalLM": dict(model_type="qwen2", tie_word_embeddings=False),
     "Qwen3ForCausalLM": dict(model_type="qwen3", tie_word_embeddings=True, head_dim=32),
+    "Qwen2MoeForCausalLM": dict(
+        model_type="qwen2_moe",
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        norm_topk_prob=False,
+    ),
+    "Qwen2MoeForCausalLM-normtopk-dense1": dict(
+        model_type="qwen2_moe",
+        tie_word_embeddings=False,
+        num_experts=6,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "MixtralForCausalLM": dict(
+        model_type="mixtral", tie_word_embeddings=False, num_local_experts=4, num_experts_per_tok=2
+    ),
 }
 
 

@@ -18,13 +18,18 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from research_rt.engine.embedding import NOT_GENERATION
+from research_rt.engine.embedding_api import EmbeddingAPIMixin
+from research_rt.engine.encoder_scheduler import EncoderScheduler
 from research_rt.engine.io_struct import GenerateInput, RequestError
 from research_rt.engine.req import Req
 from research_rt.engine.scheduler import Control, ReqOutput, Scheduler
 from research_rt.engine.tokenizer_front import TokenizerFront, eos_token_ids
+from research_rt.executor.encoder_runner import EncoderRunner
 from research_rt.executor.model_runner import ModelRunner
 from research_rt.loader.model_loader import load_config, load_tokenizer
 from research_rt.loader.resolve import resolve_model_path
+from research_rt.models.registry import is_embedding_architecture, resolve_model_class
 from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger("research_rt.engine")
@@ -32,7 +37,7 @@ logger = logging.getLogger("research_rt.engine")
 Event = tuple[int, dict[str, Any], bool]  # (index in the flattened batch, response dict, finished)
 
 
-class Engine:
+class Engine(EmbeddingAPIMixin):
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         args = kwargs.pop("server_args", None) or ServerArgs(model_path=model_path, **kwargs)
         self.server_args = args
@@ -42,7 +47,10 @@ class Engine:
         self.tokenizer = (
             None if args.skip_tokenizer_init else load_tokenizer(self.source, args.tokenizer_path)
         )
-        self.runner = ModelRunner(args, self.source, config)
+        architectures = getattr(config, "architectures", None)
+        self.is_embedding = bool(args.is_embedding or is_embedding_architecture(architectures))
+        is_encoder = getattr(resolve_model_class(architectures), "is_encoder", False)
+        self.runner = (EncoderRunner if is_encoder else ModelRunner)(args, self.source, config)
         self.config = config
         self.context_len = self.runner.context_len
         self.front = TokenizerFront(
@@ -55,7 +63,11 @@ class Engine:
         )
         self._sinks: dict[str, Callable[[ReqOutput], None]] = {}
         self._sinks_lock = threading.Lock()
-        self.scheduler = Scheduler(self.runner, self.tokenizer, args, self._on_output)
+        self.scheduler = (
+            EncoderScheduler(self.runner, args, self._on_output)
+            if is_encoder
+            else Scheduler(self.runner, self.tokenizer, args, self._on_output)
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self.scheduler.run_forever, args=(self._stop,), daemon=True, name="research_rt-scheduler"
@@ -82,6 +94,8 @@ class Engine:
 
     def _start(self, obj: GenerateInput, sink: Callable[[ReqOutput], None]) -> tuple[list[Req], bool]:
         """Validate `obj` and start its requests; n > 1 first prefills each prompt once (cache)."""
+        if self.is_embedding:
+            raise RequestError(NOT_GENERATION)
         groups, single = self.front.make_reqs(obj)
         flat = [r for g in groups for r in g]
         if any(len(g) > 1 for g in groups) and not self.server_args.disable_radix_cache:

@@ -53,6 +53,8 @@ class Req:
     return_hidden_states: bool = False
     stop_ids: frozenset[int] = frozenset()
     logit_processor: Any = None  # callable(logits_row, req) -> logits_row, or None
+    return_embedding: bool = False  # embedding / score request: pooled at the end of prefill
+    embedding: list[float] | None = None
 
     output_ids: list[int] = field(default_factory=list)
     finished_reason: FinishReason | None = None

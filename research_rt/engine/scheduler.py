@@ -304,6 +304,8 @@ class Scheduler:
                 continue
             if req.return_logprob and not req.is_retracted and not req.input_token_logprobs:
                 record_input_logprobs(req, logits[:0], [])
+            if req.return_embedding and not req.to_abort:  # pooled from the last prompt token
+                req.embedding = self.runner.pool(hidden[first + len(lp_rows)])
             if req.max_new_tokens == 0 or req.to_abort:
                 req.finished_reason = req.to_abort or FinishReason("length", length=0)
                 self._release(req)

@@ -36,6 +36,7 @@ class ForwardBatch:
     kv_pool: Any = None
     attn_backend: Any = None
     capture_hidden: bool = False
+    expert_recorder: Any = None  # ExpertDistributionRecorder while recording, else None
 
     @property
     def is_decode(self) -> bool:

@@ -17,6 +17,7 @@ import torch
 from research_rt.cache.kv_pool import KVPool, ReqToTokenPool
 from research_rt.engine.req import Req
 from research_rt.executor.attention_backend import TorchNativeAttnBackend, build_attention_metadata
+from research_rt.executor.expert_distribution import ExpertDistributionRecorder
 from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.sampler import Sampler
@@ -65,7 +66,11 @@ class ModelRunner:
         self.attn_backend = TorchNativeAttnBackend()
         self.sampler = Sampler()
         self.graph_runner: DecodeGraphRunner | None = None
-        use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph
+        self.expert_recorder = _make_expert_recorder(self.model)
+        # grouped MoE dispatch syncs with the host (per-expert counts): it cannot be graph-captured
+        use_graphs = (
+            self.device.type == "cuda" and not args.disable_cuda_graph and self.expert_recorder is None
+        )
         if args.enable_torch_compile or use_graphs:
             max_bs = min(args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs, max_reqs)
             self.graph_runner = DecodeGraphRunner(
@@ -139,6 +144,9 @@ class ModelRunner:
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
             capture_hidden=capture_hidden,
+            expert_recorder=self.expert_recorder
+            if self.expert_recorder and self.expert_recorder.recording
+            else None,
         )
 
     @torch.inference_mode()
@@ -147,11 +155,24 @@ class ModelRunner:
 
         DECODE batches go through the compiled / graph-captured step when one exists (hidden states
         are then not returned: a batch that wants them runs eager)."""
-        if self.graph_runner is not None and not batch.capture_hidden and self.graph_runner.can_run(batch):
+        if (
+            self.graph_runner is not None
+            and not batch.capture_hidden
+            and batch.expert_recorder is None  # recording runs eager so the layers see the recorder
+            and self.graph_runner.can_run(batch)
+        ):
             return self.graph_runner.run(batch)[logit_rows.to(self.device)].float().cpu(), None
         hidden = self.model(batch.input_ids, batch.positions, batch)
         selected = hidden[logit_rows.to(hidden.device)]
         return self.model.compute_logits(selected).cpu(), selected
+
+    def pool(self, hidden: torch.Tensor) -> list[float]:
+        """An embedding request's output from its last token's final hidden state: the model's own
+        `pool` (a classification / reward score head), else the L2-normalized hidden state."""
+        pool = getattr(self.model, "pool", None)
+        if pool is not None:
+            return pool(hidden).float().cpu().tolist()
+        return torch.nn.functional.normalize(hidden.float(), dim=-1).cpu().tolist()
 
     # ------------------------------------------------------------------ weights
     def update_weights(self, source: ModelSource, load_format: str) -> None:
@@ -160,3 +181,10 @@ class ModelRunner:
 
         with torch.inference_mode():
             load_weights_into(self.model, source, load_format, progress=False)
+
+
+def _make_expert_recorder(model: torch.nn.Module) -> ExpertDistributionRecorder | None:
+    layer_ids = getattr(model, "moe_layer_ids", None)
+    if not layer_ids:
+        return None
+    return ExpertDistributionRecorder(layer_ids, model.num_experts)

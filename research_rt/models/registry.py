@@ -40,5 +40,15 @@ def resolve_model_class(architectures: list[str] | None) -> type:
     )
 
 
+# SGLang's `is_generation_model`: these architectures are served as embedding models
+EMBEDDING_ARCHITECTURES = ("LlamaEmbeddingModel", "MistralModel", "BertModel", "CLIPModel")
+EMBEDDING_SUFFIXES = ("ForSequenceClassification", "ForRewardModel")
+
+
+def is_embedding_architecture(architectures: list[str] | None) -> bool:
+    """Whether a checkpoint's `architectures` makes it an embedding (or reward) model by default."""
+    return any(a in EMBEDDING_ARCHITECTURES or a.endswith(EMBEDDING_SUFFIXES) for a in architectures or [])
+
+
 def _import_builtin_models() -> None:
-    from research_rt.models import llama, qwen2, qwen3  # noqa: F401
+    from research_rt.models import bert, classification, llama, mixtral, qwen2, qwen2_moe, qwen3  # noqa: F401

@@ -1,5 +1,5 @@
-"""SGLang's native endpoints: /generate, info, health, cache, weights, abort, and the
-embedding / expert-distribution routes this runtime answers with a clear 400 for now."""
+"""SGLang's native endpoints: /generate, /encode and /classify, info, health, cache, weights, abort,
+and the expert-distribution recorder."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json, raw, text
 
 import research_rt
+from research_rt.engine.embedding import NOT_EMBEDDING, NOT_GENERATION, EmbeddingInput
 from research_rt.engine.io_struct import GenerateInput, RequestError
 from research_rt.server.protocol import (
     SSE_DONE,
@@ -34,10 +35,6 @@ FLUSH_CACHE_TEXT = (
     "Cache flushed.\nPlease check backend logs for more details. "
     "(When there are running or waiting requests, the operation will not be performed.)\n"
 )
-NOT_EMBEDDING = (
-    "This model does not appear to be an embedding model by default. Please add `--is-embedding` when "
-    "launching the server or try another model."
-)
 HEALTH_CHECK_TIMEOUT = 20.0
 
 
@@ -49,6 +46,8 @@ async def generate(request: Request) -> HTTPResponse | None:
     """POST/PUT /generate: one object (single prompt, n=1) or a list; SSE with `"stream": true`."""
     state = _state(request)
     obj = generate_input(parse_json(request.body))
+    if state.engine.is_embedding:
+        raise RequestError(NOT_GENERATION)
     single = is_single(obj)
     incremental = obj.stream and state.server_args.stream_output
     if obj.stream:
@@ -141,6 +140,16 @@ async def health(request: Request) -> HTTPResponse:
 async def health_generate(request: Request) -> HTTPResponse:
     """200 as soon as a one-token generation produces any output, 503 otherwise (20 s)."""
     state = _state(request)
+    if state.engine.is_embedding:  # SGLang sends EmbeddingReqInput(input_ids=[0])
+        try:
+            await asyncio.wait_for(
+                state.encode(EmbeddingInput(input_ids=[0], log_metrics=False)), HEALTH_CHECK_TIMEOUT
+            )
+            ok = True
+        except Exception:  # noqa: BLE001 - any failure is "unhealthy"
+            logger.exception("health_generate failed")
+            ok = False
+        return raw(b"", status=200 if ok else 503, content_type="text/plain; charset=utf-8")
     obj = GenerateInput(
         input_ids=[0],
         sampling_params={"max_new_tokens": 1, "temperature": 0},
@@ -202,26 +211,68 @@ async def abort_request(request: Request) -> HTTPResponse:
     return raw(b"", status=200, content_type="text/plain; charset=utf-8")
 
 
-def check_embedding_input(body: dict[str, Any]) -> None:
-    """EmbeddingReqInput's own checks, then the model-type check (a generation model here)."""
-    has_text, has_ids = body.get("text") is not None, body.get("input_ids") is not None
-    if not has_text and not has_ids and body.get("image_data") is None:
-        raise RequestError("At least one of text, input_ids, or image should be provided")
-    if has_text and has_ids:
-        raise RequestError("text and input_ids cannot be provided at the same time")
-    raise RequestError(NOT_EMBEDDING)
+EMBEDDING_FIELDS = {  # EmbeddingReqInput's fields (+ "model", which OpenAI-style clients add)
+    "text",
+    "input_ids",
+    "rid",
+    "image_data",
+    "sampling_params",
+    "input_embeds",
+    "log_metrics",
+    "modalities",
+    "model",
+}
+
+
+def embedding_input(body: dict[str, Any]) -> EmbeddingInput:
+    """An EmbeddingReqInput body (`sampling_params` is accepted and ignored: max_new_tokens is 0)."""
+    unknown = sorted(set(body) - EMBEDDING_FIELDS)
+    if unknown:
+        raise RequestError(f"Unknown field(s) for an embedding request: {', '.join(unknown)}.")
+    obj = EmbeddingInput(
+        text=body.get("text"),
+        input_ids=body.get("input_ids"),
+        rid=body.get("rid"),
+        image_data=body.get("image_data"),
+        log_metrics=body.get("log_metrics", True) is not False,
+    )
+    obj.prompts()  # SGLang's input checks first, then the model-type check
+    return obj
+
+
+def check_embedding_model(state: ServerState) -> None:
+    if not state.engine.is_embedding:
+        raise RequestError(NOT_EMBEDDING)
 
 
 async def encode(request: Request) -> HTTPResponse:
-    """/encode and /classify: embedding models are not served yet, so always a 400."""
-    check_embedding_input(parse_json(request.body))
-    raise AssertionError("unreachable")
+    """/encode and /classify: `{"embedding": [...], "meta_info": {...}}`, a list for a batch (the
+    scores of a reward / classification model are its `embedding`)."""
+    state = _state(request)
+    obj = embedding_input(parse_json(request.body))
+    check_embedding_model(state)
+    results, single = await state.encode(obj)
+    return json(results[0] if single else results)
+
+
+EXPERT_TEXTS = {
+    "start": "Start recording the expert distribution.\n",
+    "stop": "Stop recording the expert distribution.\n",
+    "dump": "Dump expert distribution record.\n",
+}
 
 
 async def expert_distribution(request: Request) -> HTTPResponse:
-    raise RequestError(
-        f"{_state(request).model_path} is not a MoE model: there is no expert distribution to record."
-    )
+    """start / stop / dump (the CSV goes into the server's working directory)."""
+    engine = _state(request).engine
+    what = request.route.name.rsplit(".", 1)[-1].split("_", 1)[0]
+    action = {
+        "start": engine.start_expert_distribution_record,
+        "stop": engine.stop_expert_distribution_record,
+        "dump": engine.dump_expert_distribution_record,
+    }[what]
+    await asyncio.get_running_loop().run_in_executor(None, action)
+    return text(EXPERT_TEXTS[what])
 
 
 def register(app: Sanic) -> None:

@@ -14,8 +14,9 @@ from typing import Any
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
+from research_rt.engine.embedding import EmbeddingInput
 from research_rt.engine.io_struct import GenerateInput, RequestError
-from research_rt.server.native import check_embedding_input
+from research_rt.server.native import check_embedding_model
 from research_rt.server.protocol import (
     SSE_DONE,
     abort_error,
@@ -433,10 +434,33 @@ async def models(request: Request) -> HTTPResponse:
 
 
 async def embeddings(request: Request) -> HTTPResponse:
+    """`input`: str | list[str] | list[int] | list[list[int]] -> one `data` item per input."""
+    state = _state(request)
     body = parse_json(request.body)
-    _check(body.get("input") is not None, "Field 'input' is required.")
-    check_embedding_input({"text": body["input"]})
-    raise AssertionError("unreachable")
+    inp = body.get("input")
+    _check(inp is not None, "Field 'input' is required.")
+    is_ids = isinstance(inp, list) and bool(inp) and not any(isinstance(x, str) for x in inp)
+    obj = EmbeddingInput(input_ids=inp) if is_ids else EmbeddingInput(text=inp)
+    obj.prompts()
+    check_embedding_model(state)
+    results, _ = await state.encode(obj)
+    tokens = sum(r["meta_info"]["prompt_tokens"] for r in results)
+    return json(
+        {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "embedding": r["embedding"], "index": i}
+                for i, r in enumerate(results)
+            ],
+            "model": state.model_path,
+            "usage": {
+                "prompt_tokens": tokens,
+                "total_tokens": tokens,
+                "completion_tokens": 0,
+                "prompt_tokens_details": None,
+            },
+        }
+    )
 
 
 def _state(request: Request) -> ServerState:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from research_rt.engine.embedding import EmbeddingInput
 from research_rt.engine.engine import Engine, Event
 from research_rt.engine.io_struct import GenerateInput, RequestError
 from research_rt.server.metrics import Metrics
@@ -86,6 +87,7 @@ class ServerState:
             model_path=path,
             tokenizer_path=args.tokenizer_path or path,
             served_model_name=args.served_model_name or path,
+            is_embedding=engine.is_embedding,  # also set when detected from the architecture
         )
         return cls(engine=engine, server_args=args, metrics=Metrics())
 
@@ -123,6 +125,21 @@ class ServerState:
                             meta["prompt_tokens"], meta["completion_tokens"], time.perf_counter() - t0
                         )
                     yield index, resp, finished
+
+    async def encode(self, obj: EmbeddingInput) -> tuple[list[dict[str, Any]], bool]:
+        """Run an embedding request under the reader lock; (responses in order, single?)."""
+        from research_rt.server.protocol import abort_error
+
+        async with self.lock.reader():
+            t0 = time.perf_counter()
+            results, single = await self.engine.async_encode(obj)
+        for resp in results:
+            err = abort_error(resp)
+            if err is not None:
+                raise RequestError(*err)
+            if obj.log_metrics:
+                self.metrics.observe_finished(resp["meta_info"]["prompt_tokens"], 0, time.perf_counter() - t0)
+        return results, single
 
     async def collect(self, obj: GenerateInput) -> list[dict[str, Any]]:
         """Run to completion; the final responses in flattened-batch order. An abort carrying an

@@ -50,7 +50,11 @@ def server_env() -> dict[str, str]:
 
 
 def start_server(
-    args: list[str], log_path: Path, timeout: float = 180.0, ready_path: str = "/health"
+    args: list[str],
+    log_path: Path,
+    timeout: float = 180.0,
+    ready_path: str = "/health",
+    cwd: Path | None = None,
 ) -> Server:
     port = free_port()
     cmd = [
@@ -64,7 +68,7 @@ def start_server(
         *args,
     ]
     log = open(log_path, "w")  # noqa: SIM115 - kept open for the process's lifetime
-    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd or REPO_ROOT, env=server_env(), stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
