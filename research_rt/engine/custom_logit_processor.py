@@ -15,7 +15,9 @@ processor class in `custom_logit_processor` and its per-request parameters in
                   "sampling_params": {"custom_params": {"token_id": 5}}})
 
 `to_str()` is SGLang's format (`{"callable": <dill-pickled class, hex>}`), so processors written
-for SGLang work unchanged. Before sampling, the rows of a batch that share a processor string are
+for SGLang work unchanged. dill pickles a class by value only when it is defined in `__main__` (a
+script, a notebook); a class from an importable module is pickled by reference, so the server must
+be able to import that module. Before sampling, the rows of a batch that share a processor string are
 passed to it together: `logits` is those rows ([k, vocab], edit in place or return a new tensor),
 `custom_param_list[i]` is row i's `custom_params` plus `"__req__"` (the `Req`: `input_ids`,
 `output_ids`, ...). Deserializing runs code from the request: that is why the server flag exists.
