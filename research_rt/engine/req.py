@@ -52,7 +52,10 @@ class Req:
     token_ids_logprob: list[int] | None = None
     return_hidden_states: bool = False
     stop_ids: frozenset[int] = frozenset()
-    logit_processor: Any = None  # callable(logits_row, req) -> logits_row, or None
+    logit_processor: Any = None  # offline hook: callable(logits_row, req) -> logits_row, or None
+    custom_logit_processor: tuple[str, Any] | None = None  # (serialized string, instance), see
+    # custom_logit_processor.py
+    grammar: Any = None  # GrammarState (engine/grammar.py) when regex / json_schema / ebnf is set
     return_embedding: bool = False  # embedding / score request: pooled at the end of prefill
     embedding: list[float] | None = None
 

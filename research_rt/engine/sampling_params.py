@@ -95,8 +95,8 @@ class SamplingParams:
             raise ValueError(f"n must be at least 1, got {self.n}.")
         if sum(getattr(self, k) is not None for k in _GRAMMAR_KEYS) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
-        if any(getattr(self, k) is not None for k in _GRAMMAR_KEYS) or self.structural_tag is not None:
-            raise ValueError("Grammar-constrained decoding (regex, json_schema, ebnf) is not supported yet.")
+        if self.structural_tag is not None:
+            raise ValueError("structural_tag is not supported by research_rt (regex, json_schema, ebnf are).")
 
 
 def _check_type(key: str, value: Any, annotation: str) -> None:

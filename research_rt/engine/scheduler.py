@@ -397,6 +397,8 @@ class Scheduler:
                 assert result.logprobs is not None
                 record_output_logprobs(req, result.logprobs[i], tok)
             req.check_finished()
+            if req.grammar is not None:  # accept the token; a terminated grammar finishes the request
+                req.grammar.advance(req)
             self._check_stop_strings(req)
             if req.to_abort and not req.finished:
                 req.finished_reason = req.to_abort

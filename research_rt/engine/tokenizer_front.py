@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from research_rt.engine.custom_logit_processor import DISABLED_MESSAGE, load_processor
+from research_rt.engine.grammar import GrammarBackend, GrammarState
 from research_rt.engine.io_struct import GenerateInput, RequestError
 from research_rt.engine.req import Req
 from research_rt.engine.sampling_params import SamplingParams
@@ -40,6 +42,7 @@ class TokenizerFront:
         self.max_req_input_len = self.max_req_len - 5
         self.stop_ids = stop_ids
         self.rng = random.Random(args.random_seed)
+        self.grammar = GrammarBackend(tokenizer, self.vocab_size, stop_ids)  # compiles on first use
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -68,14 +71,17 @@ class TokenizerFront:
             )
             sp = self.sampling_params(sp_dict)
             self.check_input(ids, sp)
+            compiled = self.grammar.compile(sp)  # 400 with the library's reason if invalid
+            processor = self._custom_processor(obj.per_item("custom_logit_processor", i, bs))
             n = sp.n
             rid = obj.per_item("rid", i, bs) if obj.rid is not None else None
             reqs = []
             for j in range(n):
                 sp_j = sp if n == 1 else _copy_sampling(sp, j)
-                reqs.append(
-                    self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex)
-                )
+                req = self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex)
+                req.grammar = GrammarState(compiled) if compiled is not None else None
+                req.custom_logit_processor = processor
+                reqs.append(req)
             groups.append(reqs)
         return groups, single
 
@@ -88,6 +94,15 @@ class TokenizerFront:
         except ValueError as e:
             raise RequestError(str(e)) from e
         return sp.normalize()
+
+    def _custom_processor(self, serialized: str | None) -> tuple[str, Any] | None:
+        if serialized is None:
+            return None
+        if not self.args.enable_custom_logit_processor:
+            raise RequestError(DISABLED_MESSAGE)
+        if not isinstance(serialized, str):
+            raise RequestError("custom_logit_processor must be a string (CustomLogitProcessor.to_str()).")
+        return serialized, load_processor(serialized)
 
     def check_input(self, ids: list[int], sp: SamplingParams) -> None:
         n = len(ids)

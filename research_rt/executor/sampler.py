@@ -1,8 +1,10 @@
 """Sampling from logits, in pure torch, with per-request parameters as batch tensors.
 
 Order (as SGLang): custom logit processors -> penalties (repetition, frequency, presence) ->
-min_new_tokens (stop ids masked) -> temperature -> top-k, top-p, min-p -> draw. Greedy requests take
-the argmax of the penalised logits. Each sampled request draws from its own `torch.Generator`, so
+grammar masks -> min_new_tokens (stop ids masked, unless the grammar allows nothing else) ->
+temperature -> top-k, top-p, min-p -> draw. Greedy requests take the argmax of the processed logits;
+logprobs are those of the processed (masked) distribution, -inf clamped to float32's minimum as SGLang
+does, so JSON stays valid. Each sampled request draws from its own `torch.Generator`, so
 a seeded request gives the same tokens whatever else shares its batch.
 """
 
@@ -12,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from research_rt.engine.custom_logit_processor import apply_logit_processors
 from research_rt.engine.req import Req
+from research_rt.executor.grammar_mask import apply_grammar_masks, constrained_rows
 
 
 @dataclass
@@ -93,18 +97,25 @@ class Sampler:
         logits = (
             logits.float().clone()
         )  # edited in place below; the model's output may be an inference tensor
-        for i, r in enumerate(reqs):
-            if r.logit_processor is not None:
-                logits[i] = r.logit_processor(logits[i], r)
+        apply_logit_processors(logits, reqs)
         logits = apply_penalties(logits, reqs)
+        grammar_rows = constrained_rows(reqs)
+        if grammar_rows:
+            apply_grammar_masks(logits, reqs, grammar_rows)
         for i, r in enumerate(reqs):
             if len(r.output_ids) < r.sampling.min_new_tokens:
                 stop = sorted((set(r.stop_ids) | set(r.sampling.stop_token_ids or [])) - {None})
                 if stop:
-                    logits[i, torch.tensor(stop, dtype=torch.int64)] = float("-inf")
+                    idx = torch.tensor(stop, dtype=torch.int64)
+                    kept = logits[i, idx].clone()
+                    logits[i, idx] = float("-inf")
+                    if r.grammar is not None and not torch.isfinite(logits[i]).any():
+                        logits[i, idx] = kept  # the grammar allows only a stop token: it wins
         temps = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)[:, None]
         scaled = logits / temps
-        logprobs = torch.log_softmax(scaled, dim=-1) if want_logprobs else None
+        logprobs = None
+        if want_logprobs:
+            logprobs = torch.log_softmax(scaled, dim=-1).clamp_(min=torch.finfo(torch.float32).min)
 
         next_ids = scaled.argmax(dim=-1).tolist()
         sampled = [i for i, r in enumerate(reqs) if not r.sampling.is_greedy]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from json import dumps
 from typing import Any
 
 from sanic import Request, Sanic
@@ -57,7 +58,32 @@ def _sampling(body: dict[str, Any], max_tokens: int | None, temperature: float) 
     sp.setdefault("temperature", temperature)
     limit = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
     sp["max_new_tokens"] = limit
+    schema = _response_format_schema(body.get("response_format"))
+    if schema is not None:
+        sp["json_schema"] = schema  # with regex / ebnf also set, verify() answers "Only one of ..."
     return sp
+
+
+def _response_format_schema(fmt: Any) -> str | None:
+    """OpenAI `response_format` -> the json_schema sampling parameter (None for plain text)."""
+    if fmt is None:
+        return None
+    _check(isinstance(fmt, dict), "Field 'response_format' must be an object.")
+    kind = fmt.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return '{"type": "object"}'
+    _check(
+        kind == "json_schema",
+        f"response_format.type must be one of text, json_object, json_schema; got {kind!r:.60}.",
+    )
+    spec = fmt.get("json_schema")
+    _check(
+        isinstance(spec, dict) and isinstance(spec.get("schema"), dict),
+        "response_format.json_schema.schema must be an object (the JSON schema).",
+    )
+    return dumps(spec["schema"])
 
 
 def _finish(meta: dict[str, Any]) -> tuple[str | None, Any]:
@@ -312,9 +338,6 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
         "Field 'top_logprobs' must be an integer.",
     )
     sp = _sampling(body, None, 0.7)
-    fmt = body.get("response_format") or {}
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
-        sp["json_schema"] = str((fmt.get("json_schema") or {}).get("schema", {"type": "object"}))
     obj = GenerateInput(
         input_ids=ids,
         sampling_params=sp,

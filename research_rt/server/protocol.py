@@ -90,9 +90,7 @@ def generate_input(data: dict[str, Any]) -> GenerateInput:
     for name in UNSUPPORTED_FIELDS:
         if data.get(name) is not None:
             raise RequestError(f"Field '{name}' is not supported by research_rt.")
-    kwargs = {
-        k: data[k] for k in GENERATE_FIELDS if data.get(k) is not None and k != "custom_logit_processor"
-    }
+    kwargs = {k: data[k] for k in GENERATE_FIELDS if data.get(k) is not None}
     for key in ("return_text_in_logprobs", "stream", "return_hidden_states", "log_metrics"):
         kwargs.setdefault(key, GenerateInput.__dataclass_fields__[key].default)
     obj = GenerateInput(**kwargs)
