@@ -31,8 +31,16 @@ def test_decode_attention(benchmark, bs):
     pool = KVPool(bs * seq + 8, 1, 3, 64, torch.bfloat16, "cpu")
     rows = torch.arange(1, bs * seq + 1).view(bs, seq)
     kv, mask, _, _ = build_attention_metadata(ForwardMode.DECODE, [seq - 1] * bs, [1] * bs, rows)
-    batch = ForwardBatch(ForwardMode.DECODE, bs, torch.zeros(bs, dtype=torch.long), torch.zeros(bs, dtype=torch.long),
-                         rows[:, -1].clone(), kv, mask, kv_pool=pool)
+    batch = ForwardBatch(
+        ForwardMode.DECODE,
+        bs,
+        torch.zeros(bs, dtype=torch.long),
+        torch.zeros(bs, dtype=torch.long),
+        rows[:, -1].clone(),
+        kv,
+        mask,
+        kv_pool=pool,
+    )
     q = torch.randn(bs, 9, 64, dtype=torch.bfloat16)
     k = torch.randn(bs, 3, 64, dtype=torch.bfloat16)
     out = benchmark(TorchNativeAttnBackend().forward, q, k, k.clone(), _Layer(), batch)
@@ -63,7 +71,14 @@ def test_sampler(benchmark, greedy):
     bs, vocab = 32, 49152
     logits = torch.randn(bs, vocab)
     params = {"temperature": 0} if greedy else {"temperature": 0.8, "top_p": 0.9, "top_k": 50}
-    reqs = [Req(rid=str(i), input_ids=[1, 2], sampling=SamplingParams.from_dict(params).normalize(),
-                generator=torch.Generator().manual_seed(i)) for i in range(bs)]
+    reqs = [
+        Req(
+            rid=str(i),
+            input_ids=[1, 2],
+            sampling=SamplingParams.from_dict(params).normalize(),
+            generator=torch.Generator().manual_seed(i),
+        )
+        for i in range(bs)
+    ]
     result = benchmark(Sampler(), logits, reqs, False)
     assert len(result.next_ids) == bs

@@ -83,6 +83,12 @@ def start_server(
             proc.kill()
             raise RuntimeError(f"server did not start in {timeout}s:\n{log_path.read_text()}")
         time.sleep(0.2)
+    # the warm-up request runs after the port opens: wait for its log line too
+    while "The server is fired up and ready to roll!" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server never finished its warm-up:\n{log_path.read_text()}")
+        time.sleep(0.2)
     return Server(base, proc, log_path)
 
 
