@@ -110,16 +110,51 @@ class DecodeGraphRunner:
         inputs = pad_decode_inputs(batch, bucket, kv_len)
         if self.use_cuda_graph:
             return self._replay(bucket, inputs)[: batch.batch_size]
+        return self._run_compiled(inputs)[: batch.batch_size]
+
+    def _run_compiled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Two compiled graphs on CPU: batch 1 (its linears stream weights as GEMVs) and one for
+        every larger bucket (batch dimension dynamic); key length dynamic in both."""
+        bucket = inputs["input_ids"].shape[0]
         torch._dynamo.mark_dynamic(inputs["kv_indices"], 1)
         torch._dynamo.mark_dynamic(inputs["attn_mask"], 3)
-        key = (bucket, 0)
-        if key not in self.seen_shapes:
-            t0 = time.monotonic()
-            out = self.compiled(**inputs)
-            self.seen_shapes.add(key)
-            logger.info("Compiled decode step for batch size %d in %.1f s", bucket, time.monotonic() - t0)
-            return out[: batch.batch_size]
-        return self.compiled(**inputs)[: batch.batch_size]
+        if bucket > 1:
+            for name in inputs:
+                torch._dynamo.mark_dynamic(inputs[name], 0, min=2, max=max(3, self.buckets[-1]))
+        key = (min(bucket, 2), 0)
+        if key in self.seen_shapes:
+            return self.compiled(**inputs)
+        t0 = time.monotonic()
+        logger.info(
+            "Compiling the decode step for batch size %s (torch.compile, once per shape family)...",
+            "1" if bucket == 1 else "2+",
+        )
+        out = self.compiled(**inputs)
+        self.seen_shapes.add(key)
+        logger.info("Compiled the decode step in %.1f s", time.monotonic() - t0)
+        return out
+
+    def warm_up(self) -> None:
+        """Compile both CPU graphs now (start-up) rather than on the first requests."""
+        if self.use_cuda_graph:
+            return
+        for bs in (1, min(2, self.buckets[-1])):
+            bucket = bucket_for(bs, self.buckets)
+            assert bucket is not None
+            kv = torch.zeros(bucket, KV_ALIGN, dtype=torch.int64, device=self.device)
+            mask = torch.zeros(bucket, 1, 1, KV_ALIGN, dtype=torch.bool, device=self.device)
+            mask[..., 0] = True
+            zeros = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+            with torch.inference_mode():
+                self._run_compiled(
+                    {
+                        "input_ids": zeros,
+                        "positions": zeros.clone(),
+                        "out_cache_loc": zeros.clone(),
+                        "kv_indices": kv,
+                        "attn_mask": mask,
+                    }
+                )
 
     # ------------------------------------------------------------------ CUDA graphs
     def _replay(self, bucket: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

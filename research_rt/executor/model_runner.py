@@ -76,6 +76,7 @@ class ModelRunner:
             self.graph_runner = DecodeGraphRunner(
                 self.model, self.kv_pool, self.attn_backend, max_bs, self.device, use_cuda_graph=use_graphs
             )
+            self.graph_runner.warm_up()
         logger.info(
             "KV cache pool: %d tokens, %.1f MB (%s)",
             self.max_total_num_tokens,

@@ -1,6 +1,6 @@
 """Linear layers that decode fast on CPU under torch.compile.
 
-For one or two rows (single-stream decode), a matrix-vector product is bound by reading the weight
+For one row (single-stream decode), a matrix-vector product is bound by reading the weight
 once from memory. oneDNN/MKL GEMV reaches a fraction of the memory bandwidth on small CPUs, while
 Inductor turns `(w * x).sum(-1)` into one vectorised loop that streams the weight in its own dtype
 and accumulates in float32: about 1.5-2x faster here (benchmarks/bench_single_stream.py). Eager code
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GEMV_MAX_ROWS = 2
+GEMV_MAX_ROWS = 1
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
