@@ -42,7 +42,7 @@ def main() -> None:
         tps, warm = research_rt_tokens_per_s(CONFIGS[name], args.new_tokens)
         rows[f"research_rt {name}"] = tps
         print(
-            f"research_rt {name:14s} {tps:7.1f} tok/s   (first request incl. compile {warm:.1f} s)",
+            f"research_rt {name:14s} {tps:7.1f} tok/s   (first request {warm:.1f} s)",
             flush=True,
         )
     for dt in filter(None, args.hf.split(",")):

@@ -64,7 +64,7 @@ class ServerArgs:
 
     # Compile and graphs
     enable_torch_compile: bool = False
-    torch_compile_max_bs: int = 32
+    torch_compile_max_bs: int | None = None  # None: every batch size (one dynamic-batch graph on CPU)
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     disable_overlap_schedule: bool = False

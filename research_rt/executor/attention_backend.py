@@ -91,6 +91,8 @@ class TorchNativeAttnBackend:
         group = layer.num_heads // kvh
         keys = k_buf[batch.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
         values = v_buf[batch.kv_indices].to(q.dtype)
+        if torch.compiler.is_compiling():
+            return _decode_fused(q.view(bs, kvh, group, d), keys, values, batch.attn_mask, layer.scaling)
         queries = q.view(bs, kvh, group, d)
         acc = torch.promote_types(q.dtype, torch.float32)
         scores = torch.einsum("bhgd,bkhd->bhgk", queries, keys).to(acc) * layer.scaling
@@ -98,3 +100,18 @@ class TorchNativeAttnBackend:
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.einsum("bhgk,bkhd->bhgd", probs, values)
         return out.reshape(bs, layer.num_heads * d)
+
+
+def _decode_fused(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The same decode attention as products and sums, for Inductor: it fuses the gather from the
+    KV pool into both reductions, so each cached key and value is read once and never copied into a
+    padded [B, Lk, ...] tensor (at batch 64 that copy dominated the step)."""
+    bs, kvh, group, d = queries.shape
+    q = queries.float()
+    scores = (q[:, None, :, :, :] * keys.float()[:, :, :, None, :]).sum(-1) * scaling  # [B, Lk, KVH, G]
+    scores = scores.masked_fill(~mask.view(bs, -1, 1, 1), float("-inf"))
+    probs = torch.softmax(scores, dim=1)
+    out = (probs[..., None] * values.float()[:, :, :, None, :]).sum(1)  # [B, KVH, G, D]
+    return out.to(queries.dtype).reshape(bs, kvh * group * d)

@@ -20,6 +20,7 @@ from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
 logger = logging.getLogger(__name__)
 
 KV_ALIGN = 64
+MAX_DYNAMIC_BATCH = 4096  # a fixed range: compiled-graph caches stay valid whatever max_running_requests is
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -120,7 +121,7 @@ class DecodeGraphRunner:
         torch._dynamo.mark_dynamic(inputs["attn_mask"], 3)
         if bucket > 1:
             for name in inputs:
-                torch._dynamo.mark_dynamic(inputs[name], 0, min=2, max=max(3, self.buckets[-1]))
+                torch._dynamo.mark_dynamic(inputs[name], 0, min=2, max=MAX_DYNAMIC_BATCH)
         key = (min(bucket, 2), 0)
         if key in self.seen_shapes:
             return self.compiled(**inputs)

@@ -72,7 +72,9 @@ class ModelRunner:
             self.device.type == "cuda" and not args.disable_cuda_graph and self.expert_recorder is None
         )
         if args.enable_torch_compile or use_graphs:
-            max_bs = min(args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs, max_reqs)
+            max_bs = min(
+                (args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs) or max_reqs, max_reqs
+            )
             self.graph_runner = DecodeGraphRunner(
                 self.model, self.kv_pool, self.attn_backend, max_bs, self.device, use_cuda_graph=use_graphs
             )
