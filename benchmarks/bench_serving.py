@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--rate", type=float, default=4.0, help="requests/s (Poisson); 0 = all at once")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--server-args", default="")
+    parser.add_argument("--server-args", default="", help="extra launch flags, e.g. --enable-torch-compile")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -32,12 +32,23 @@ def main() -> None:
         "--configs",
         os.environ.get("BENCH_CONFIGS", "eager-bf16,compile-bf16,compile-fp32"),
     )
-    offline = run("benchmarks.bench_offline", "--dtype", "bfloat16")
-    serving = run("benchmarks.bench_serving", "--num-prompts", "32", "--rate", "2", "--new-tokens", "64")
+    offline = run("benchmarks.bench_offline", "--dtype", "bfloat16", "--compile")
+    serving = run(
+        "benchmarks.bench_serving",
+        "--num-prompts",
+        "32",
+        "--rate",
+        "2",
+        "--new-tokens",
+        "64",
+        "--server-args=--enable-torch-compile",
+    )
+    grammar = run("benchmarks.bench_grammar", "--batch-sizes", "1,8")
     results = {
         "single_stream_tok_s": single,
         "offline": offline,
         "serving": serving,
+        "grammar": grammar,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
@@ -55,6 +66,12 @@ def main() -> None:
         f"| 32 x shared 1024-token prefix (s) | {on:.2f} (radix on) | {off:.2f} (radix off) | {off / on:.2f}x |",
         f"| HTTP 32 req @2/s: TTFT p50 / ITL p50 | {serving['ttft_p50_s']:.2f} s / {serving['itl_p50_ms']:.1f} ms | | |",
     ]
+    for row in grammar:
+        if row["mode"] != "unconstrained":
+            lines.append(
+                f"| grammar {row['mode']} (batch {row['batch']}): mask cost per step | "
+                f"{row['mask_ms_per_step']:.2f} ms | | |"
+            )
     print("\n".join(lines))
     (OUT / "table.md").write_text("\n".join(lines) + "\n")
     try:
