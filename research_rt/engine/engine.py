@@ -215,8 +215,9 @@ class Engine(EmbeddingAPIMixin):
                     out.text,
                     obj.return_text_in_logprobs,
                     sent[out.req.rid] if stream_incremental_ids else 0,
+                    upto=out.num_output_ids,
                 )
-                sent[out.req.rid] = len(out.req.output_ids)
+                sent[out.req.rid] = out.num_output_ids
                 if out.finished:
                     remaining.discard(out.req.rid)
                 yield i, resp, out.finished
@@ -234,10 +235,12 @@ class Engine(EmbeddingAPIMixin):
             out = get()
             if _skippable(out, obj, seen):
                 continue
-            seen[out.req.rid] = len(out.req.output_ids)
+            seen[out.req.rid] = out.num_output_ids
             if out.finished:
                 remaining.discard(out.req.rid)
-            resp = self.front.response(out.req, out.text, obj.return_text_in_logprobs)
+            resp = self.front.response(
+                out.req, out.text, obj.return_text_in_logprobs, upto=out.num_output_ids
+            )
             if not single:
                 resp["index"] = index_of[out.req.rid]
             yield index_of[out.req.rid], resp, out.finished

@@ -43,11 +43,20 @@ NEW_TOKEN_RATIO_DECAY = (INIT_NEW_TOKEN_RATIO - MIN_NEW_TOKEN_RATIO) / 600
 
 @dataclass
 class ReqOutput:
-    """What the scheduler reports for a request after a step (cumulative)."""
+    """What the scheduler reports for a request after a step (cumulative).
+
+    `req` is the live request, which may have moved on by the time the front reads it;
+    `num_output_ids` is how many output tokens this report covers (a snapshot).
+    """
 
     req: Req
     text: str | None
     finished: bool
+    num_output_ids: int = -1
+
+    def __post_init__(self) -> None:
+        if self.num_output_ids < 0:
+            self.num_output_ids = len(self.req.output_ids)
 
 
 @dataclass

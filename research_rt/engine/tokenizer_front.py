@@ -168,9 +168,16 @@ class TokenizerFront:
 
     # ---------------------------------------------------------------- responses
     def response(
-        self, req: Req, text: str | None, with_text_in_logprobs: bool, ids_from: int = 0
+        self,
+        req: Req,
+        text: str | None,
+        with_text_in_logprobs: bool,
+        ids_from: int = 0,
+        upto: int | None = None,
     ) -> dict[str, Any]:
-        """The `/generate` response dict for a request's current state."""
+        """The `/generate` response dict for a request's state after `upto` output tokens
+        (default: all); `output_ids` holds tokens [ids_from, upto)."""
+        upto = len(req.output_ids) if upto is None else upto
         meta: dict[str, Any] = {
             "id": req.rid,
             "finish_reason": req.finished_reason.to_json() if req.finished_reason else None,
@@ -188,7 +195,7 @@ class TokenizerFront:
                     None if x is None else fmt(x) for x in req.input_token_ids_logprobs
                 ]
                 meta["output_token_ids_logprobs"] = [fmt(x) for x in req.output_token_ids_logprobs]
-        meta["completion_tokens"] = len(req.output_ids)
+        meta["completion_tokens"] = upto
         meta["cached_tokens"] = req.cached_tokens
         if req.return_hidden_states:
             meta["hidden_states"] = req.hidden_states
@@ -197,7 +204,7 @@ class TokenizerFront:
         out: dict[str, Any] = {}
         if text is not None:
             out["text"] = text
-        out["output_ids"] = list(req.output_ids[ids_from:])
+        out["output_ids"] = list(req.output_ids[ids_from:upto])
         if self.tokenizer is None:
             out["token_ids"] = out["output_ids"]
         out["meta_info"] = meta
