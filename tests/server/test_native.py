@@ -190,9 +190,17 @@ def test_flush_cache(server):
     # refused (400, same text) while a request runs
     body = {"text": "long", "sampling_params": {"max_new_tokens": 7000, "ignore_eos": True}, "stream": True}
     with post(server, "/generate", body, stream=True) as stream:
-        next(stream.iter_lines())
+        lines = stream.iter_lines()
+        next(lines)
+        deadline = time.monotonic() + 5
+        while requests.get(server.base_url + "/get_load").json()["num_running_reqs"] == 0:
+            assert time.monotonic() < deadline, "the long request is not running"
+            time.sleep(0.05)
         r = requests.post(server.base_url + "/flush_cache")
-        assert r.status_code == 400 and r.text.startswith("Cache flushed.")
+        if r.status_code != 400:  # say how the long request ended, to tell a race from an early finish
+            rest = [x for x in lines if x]
+            raise AssertionError(f"flush was not refused ({r.status_code}); stream tail: {rest[-2:]}")
+        assert r.text.startswith("Cache flushed.")
     server.wait_idle_and_whole()
 
 
