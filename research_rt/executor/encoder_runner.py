@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from research_rt.cache.kv_pool import KVPool
-from research_rt.loader.model_loader import load_model
+from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
 from research_rt.models.layers.pooler import SentencePooling
 from research_rt.server_args import ServerArgs
@@ -26,16 +26,10 @@ class EncoderRunner:
     def __init__(self, args: ServerArgs, source: ModelSource, config: Any) -> None:
         self.args = args
         self.device = torch.device(args.device)
-        derived = int(config.max_position_embeddings)
-        if args.context_length and args.context_length > derived:
-            raise ValueError(
-                f"User-specified context_length ({args.context_length}) is greater than the derived "
-                f"context_length ({derived}) of the model."
-            )
+        self.context_len = context_length(config, args.context_length)
         loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.pooling = SentencePooling.from_directory(source.directory)
-        self.context_len = args.context_length or derived
         self.max_running_requests = args.max_running_requests or 64
         budget = (
             args.chunked_prefill_size if args.chunked_prefill_size and args.chunked_prefill_size > 0 else 8192

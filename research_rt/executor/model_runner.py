@@ -21,7 +21,7 @@ from research_rt.executor.expert_distribution import ExpertDistributionRecorder
 from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.sampler import Sampler
-from research_rt.loader.model_loader import load_model
+from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
 from research_rt.server_args import ServerArgs
 
@@ -44,15 +44,9 @@ class ModelRunner:
     def __init__(self, args: ServerArgs, source: ModelSource, config: Any) -> None:
         self.args = args
         self.device = torch.device(args.device)
-        derived = int(config.max_position_embeddings)
-        if args.context_length and args.context_length > derived:
-            raise ValueError(
-                f"User-specified context_length ({args.context_length}) is greater than the derived context_length "
-                f"({derived}) of the model; the rotary tables and trained positions end there."
-            )
+        self.context_len = context_length(config, args.context_length)
         loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
-        self.context_len = args.context_length or int(config.max_position_embeddings)
         attn = self.model.model.layers[0].self_attn
         self.num_layers = len(self.model.model.layers)
         self.kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim

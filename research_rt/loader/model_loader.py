@@ -63,6 +63,18 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
     return AutoTokenizer.from_pretrained(str(source.directory))
 
 
+def context_length(config: Any, requested: int | None) -> int:
+    """The context length to serve: the model's `max_position_embeddings` unless a shorter one is
+    requested; a longer one is refused (the position tables and trained positions end there)."""
+    derived = int(config.max_position_embeddings)
+    if requested and requested > derived:
+        raise ValueError(
+            f"User-specified context_length ({requested}) is greater than the derived context_length "
+            f"({derived}) of the model; the rotary tables and trained positions end there."
+        )
+    return requested or derived
+
+
 def resolve_dtype(dtype: str, config: Any, device: str) -> torch.dtype:
     if dtype != "auto":
         return DTYPES[dtype]

@@ -95,3 +95,15 @@ def test_sharded_safetensors_with_index(tmp_path):
     with research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True) as engine:
         got = engine.generate(input_ids=[7, 8, 9], sampling_params={"temperature": 0, "max_new_tokens": 5})
     assert got["output_ids"] == want["output_ids"]
+
+
+def test_context_length_beyond_the_model_is_refused(tmp_path):
+    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")  # 512 positions
+    with pytest.raises(
+        ValueError, match=r"context_length \(1024\) is greater than the derived context_length \(512\)"
+    ):
+        research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True, context_length=1024)
+    with research_rt.Engine(
+        str(path), dtype="float32", skip_tokenizer_init=True, context_length=256
+    ) as engine:
+        assert engine.context_len == 256
