@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
 
-import torch
-
 from research_rt.cache.radix_cache import RadixCache
+from research_rt.engine.loop import SchedulerLoop
 from research_rt.engine.req import FinishReason, Req, abort_reason
 from research_rt.engine.scheduler import Control, ReqOutput
 from research_rt.executor.encoder_runner import EncoderRunner
@@ -22,7 +20,7 @@ from research_rt.executor.encoder_runner import EncoderRunner
 logger = logging.getLogger("research_rt.scheduler")
 
 
-class EncoderScheduler:
+class EncoderScheduler(SchedulerLoop):
     def __init__(self, runner: EncoderRunner, args, on_output: Callable[[list[ReqOutput]], None]) -> None:
         self.runner = runner
         self.args = args
@@ -38,26 +36,9 @@ class EncoderScheduler:
         self.last_gen_throughput = 0.0
         self.step_hooks: list[Callable[[EncoderScheduler], None]] = []
 
-    @torch.inference_mode()
-    def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                worked = self.step()
-            except Exception:  # never let the loop die silently: fail the batch
-                logger.exception("Encoder step failed")
-                self._finish(
-                    self.waiting,
-                    abort_reason(
-                        "Internal error in the scheduler; see the server log.", 500, "InternalServerError"
-                    ),
-                )
-                self.waiting = []
-                worked = False
-            if not worked:
-                try:
-                    self._handle(self.inbox.get(timeout=0.05))
-                except queue.Empty:
-                    continue
+    def _fail_all(self, message: str) -> None:
+        self._finish(self.waiting, abort_reason(message, 500, "InternalServerError"))
+        self.waiting = []
 
     def step(self) -> bool:
         while True:

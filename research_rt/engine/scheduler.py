@@ -29,6 +29,7 @@ import torch
 from research_rt.cache.radix_cache import RadixCache
 from research_rt.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from research_rt.engine.logprobs import record_input_logprobs, record_output_logprobs
+from research_rt.engine.loop import SchedulerLoop
 from research_rt.engine.prefill import PrefillItem, decode_reserve, max_prefix_len, order_waiting
 from research_rt.engine.req import FinishReason, Req, abort_reason
 from research_rt.executor.forward_batch import ForwardMode
@@ -70,7 +71,7 @@ class Control:
     result: Any = None
 
 
-class Scheduler:
+class Scheduler(SchedulerLoop):
     def __init__(
         self, runner: ModelRunner, tokenizer: Any, args, on_output: Callable[[list[ReqOutput]], None]
     ) -> None:
@@ -103,22 +104,6 @@ class Scheduler:
         self.step_hooks: list[Callable[[Scheduler], None]] = []
 
     # ================================================================ loop
-    @torch.inference_mode()
-    def run_forever(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                worked = self.step()
-            except Exception:  # never let the loop die silently: fail every request
-                logger.exception("Scheduler step failed")
-                self._fail_all("Internal error in the scheduler; see the server log.")
-                worked = False
-            if not worked:
-                try:
-                    item = self.inbox.get(timeout=0.05)
-                except queue.Empty:
-                    continue
-                self._handle(item)
-
     def step(self) -> bool:
         self._drain_inbox()
         prefill = self._schedule_prefill()
