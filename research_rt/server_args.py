@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,14 +63,18 @@ class ServerArgs:
     page_size: int = 1
     random_seed: int | None = None
 
-    # Compile and graphs
-    enable_torch_compile: bool = False
+    # Compile and graphs. enable_torch_compile None: on for CPU (the compiled decode step is 2-3x
+    # faster there), off on CUDA (where CUDA graphs are the default, as in SGLang); the environment
+    # variable RESEARCH_RT_TORCH_COMPILE=0/1 changes that default (the test suite runs eager).
+    enable_torch_compile: bool | None = None
+    disable_torch_compile: bool = False
     torch_compile_max_bs: int | None = None  # None: every batch size (one dynamic-batch graph on CPU)
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     disable_overlap_schedule: bool = False
     attention_backend: str | None = None
     sampling_backend: str | None = None
+    torchao_config: str = ""  # weight-only quantization for batch-1 decode: int8wo, int4wo-<group>
 
     # Features
     enable_custom_logit_processor: bool = False
@@ -102,6 +107,14 @@ class ServerArgs:
             object.__setattr__(self, "chunked_prefill_size", 2048 if self.device == "cuda" else 512)
         if self.cuda_graph_max_bs is None:
             object.__setattr__(self, "cuda_graph_max_bs", 160)
+        if self.disable_torch_compile:
+            object.__setattr__(self, "enable_torch_compile", False)
+        elif self.enable_torch_compile is None:
+            default = os.environ.get("RESEARCH_RT_TORCH_COMPILE", "1" if self.device == "cpu" else "0")
+            object.__setattr__(self, "enable_torch_compile", default not in ("0", "false", ""))
+        from research_rt.models.layers.quant import WeightOnlyConfig
+
+        WeightOnlyConfig.parse(self.torchao_config)  # raises on an unknown spelling
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
@@ -115,7 +128,7 @@ class ServerArgs:
                 continue
             flag = "--" + f.name.replace("_", "-")
             default = f.default
-            if f.type in ("bool",) or isinstance(default, bool):
+            if f.type in ("bool", "bool | None") or isinstance(default, bool):
                 parser.add_argument(flag, action="store_true", default=default)
                 continue
             kind = _cli_type(f.type)

@@ -11,6 +11,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Engines and servers started by the tests run eager unless a test asks for compilation (compiling
+# every tiny model would cost minutes); child server processes inherit this.
+os.environ.setdefault("RESEARCH_RT_TORCH_COMPILE", "0")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -23,6 +23,7 @@ from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.sampler import Sampler
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
+from research_rt.models.layers.quant import WeightOnlyConfig, quantize_model
 from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ModelRunner:
         self.context_len = context_length(config, args.context_length)
         loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
+        self.weight_quant = WeightOnlyConfig.parse(args.torchao_config)
+        self._quantize()
         attn = self.model.model.layers[0].self_attn
         self.num_layers = len(self.model.model.layers)
         self.kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -79,6 +82,12 @@ class ModelRunner:
             self.max_total_num_tokens * self.kv_pool.bytes_per_token() / 1e6,
             self.dtype,
         )
+
+    def _quantize(self) -> None:
+        if self.weight_quant is None:
+            return
+        n = quantize_model(self.model, self.weight_quant)
+        logger.info("Weight-only quantization %s: %d linear layers packed", self.args.torchao_config, n)
 
     def _pool_size(self) -> int:
         bytes_per_token = (
@@ -178,6 +187,7 @@ class ModelRunner:
 
         with torch.inference_mode():
             load_weights_into(self.model, source, load_format, progress=False)
+            self._quantize()
 
 
 def _make_expert_recorder(model: torch.nn.Module) -> ExpertDistributionRecorder | None:

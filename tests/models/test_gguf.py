@@ -144,3 +144,32 @@ def test_smollm2_greedy_matches_transformers(smollm_gguf_path):
     for prompt, out in zip(prompts, outs):
         assert out["output_ids"] == hf_greedy(ref, tok.encode(prompt), 32), prompt
     assert "Paris" in outs[0]["text"]
+
+
+@pytest.mark.slow
+def test_smollm2_int4wo_keeps_the_q4_1_grid():
+    """`--torchao-config int4wo-32` on the embedded Q4_1 model finds the file's own 4-bit codes: the
+    dense weights stay within two bfloat16 steps of the plain bfloat16 load, prompt log-probs agree,
+    and the batch-1 decode through the int4 kernel still answers."""
+    from research_rt.models.layers.linear import Linear
+
+    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    params = {"temperature": 0, "max_new_tokens": 12}
+    outs, weights = [], []
+    for quant in ("", "int4wo-32"):
+        with research_rt.Engine(dtype="bfloat16", torchao_config=quant) as engine:
+            outs.append(engine.generate(prompt, params, return_logprob=True, logprob_start_len=0))
+            engine.check_pool_integrity()
+            layer = engine.runner.model.model.layers[3]
+            weights.append(
+                {n: m.weight.detach().clone() for n, m in layer.named_modules() if isinstance(m, Linear)}
+            )
+            assert (layer.mlp.down_proj.packed is not None) == bool(quant)
+    for name, plain in weights[0].items():
+        blocks = plain.float().view(plain.shape[0], -1, 32)
+        two_steps = (blocks.abs().amax(-1, keepdim=True) * 2**-6).expand_as(blocks).reshape(plain.shape)
+        assert ((weights[1][name].float() - plain.float()).abs() <= two_steps).all(), name
+    plain_lp = [lp for lp, *_ in outs[0]["meta_info"]["input_token_logprobs"][1:]]
+    quant_lp = [lp for lp, *_ in outs[1]["meta_info"]["input_token_logprobs"][1:]]
+    assert max(abs(a - b) for a, b in zip(plain_lp, quant_lp)) < 0.1  # 0.06 measured
+    assert "Paris" in outs[1]["text"]
