@@ -5,15 +5,16 @@ A seeded Poisson stream of requests (a mix of long and short prompts of random t
 asyncio loop, once per chunk size, each on a fresh Engine with otherwise identical arguments. Per size:
 TTFT and ITL p50/p99, output throughput, and the scheduler's prefill/decode step counts.
 
-What to expect from this scheduler: a step is one forward, either a prefill batch of at most
-chunk-size tokens or a decode of every running request, and prefill goes first (a chunked request
-continues on the next step; there are no mixed prefill+decode steps, as in SGLang without
---enable-mixed-chunk). So a smaller chunk bounds the length of one forward but not how long running
-decodes wait for a long prompt, and it adds steps (less efficient prefill): the study measures the net.
+Each size runs twice: without and with --enable-mixed-chunk. Without it a step is one forward,
+either a prefill batch of at most chunk-size tokens or a decode of every running request, and prefill
+goes first (a chunked request continues on the next step), so a smaller chunk bounds the length of
+one forward but not how long running decodes wait for a long prompt. With it the running requests
+decode inside every prefill forward, so a decode waits at most one chunk: the chunk size then sets
+the inter-token latency under load, traded against prefill efficiency (TTFT).
 
     .venv/bin/python -m experiments.chunked_prefill_study                  # full study -> experiments/out/
     .venv/bin/python -m experiments.chunked_prefill_study --quick          # smoke run, about a minute
-    .venv/bin/python -m experiments.chunked_prefill_study --chunk-sizes 128 512 --enable-torch-compile
+    .venv/bin/python -m experiments.chunked_prefill_study --chunk-sizes 128 512 --mixed on
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def run_config(
     tokens = sum(r["tokens"] for r in results)
     return {
         "chunked_prefill_size": chunk,
+        "enable_mixed_chunk": bool(engine_kwargs.get("enable_mixed_chunk")),
         "requests": len(results),
         "output_tokens": tokens,
         "elapsed_s": elapsed,
@@ -153,21 +155,28 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r["chunked_prefill_size"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [("ttft", "s", "TTFT (s)"), ("itl", "ms", "inter-token latency (ms)")]
-    for ax, (key, unit, label) in zip(axes, panels):
-        ax.plot(xs, [r[f"{key}_p50_{unit}"] for r in rows], "o-", label="p50")
-        ax.plot(xs, [r[f"{key}_p99_{unit}"] for r in rows], "s--", label="p99")
-        ax.set_ylabel(label)
-    axes[2].plot(xs, [r["output_throughput_tok_s"] for r in rows], "o-", color="C2")
+    for mixed, color in ((False, "C0"), (True, "C1")):
+        sel = [r for r in rows if r["enable_mixed_chunk"] == mixed]
+        if not sel:
+            continue
+        xs, tag = [r["chunked_prefill_size"] for r in sel], "mixed" if mixed else "prefill-first"
+        for ax, (key, unit, label) in zip(axes, panels):
+            ax.plot(xs, [r[f"{key}_p50_{unit}"] for r in sel], "o-", color=color, label=f"{tag} p50")
+            ax.plot(xs, [r[f"{key}_p99_{unit}"] for r in sel], "s--", color=color, label=f"{tag} p99")
+            ax.set_ylabel(label)
+        axes[2].plot(xs, [r["output_throughput_tok_s"] for r in sel], "o-", color=color, label=tag)
     axes[2].set_ylabel("output throughput (tok/s)")
+    sizes = sorted({r["chunked_prefill_size"] for r in rows})
     for ax in axes:
         ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xticks(sizes, [str(x) for x in sizes])
         ax.minorticks_off()
         ax.set_xlabel("--chunked-prefill-size (tokens)")
         ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[2].legend()
     axes[0].legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -187,7 +196,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=Workload.seed)
     p.add_argument("--model-path", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--enable-torch-compile", action="store_true")
+    p.add_argument("--disable-torch-compile", action="store_true")
+    p.add_argument("--mixed", choices=("off", "on", "both"), default="both", help="--enable-mixed-chunk")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 chunk sizes, 6 small requests")
     p.add_argument("--out-dir", type=Path, default=OUT_DIR)
     a = p.parse_args()
@@ -197,25 +207,26 @@ def main() -> None:
             num_requests=6, rate=4.0, long_frac=0.5, long_len=(128, 256), short_len=(8, 32), new_tokens=8
         )
     workload = Workload(seed=a.seed, **fields)
-    chunk_sizes = a.chunk_sizes or ([32, 256] if a.quick else [64, 128, 256, 512, 1024])
+    chunk_sizes = a.chunk_sizes or ([32, 256] if a.quick else [128, 256, 512, 1024])
     name = "chunked_prefill_study" + ("_quick" if a.quick else "")
     a.out_dir.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"dtype": a.dtype, "enable_torch_compile": a.enable_torch_compile}
+    engine_kwargs = {"dtype": a.dtype, "enable_torch_compile": not a.disable_torch_compile}
     meta = {"model_path": a.model_path, **engine_kwargs, "workload": asdict(workload)}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[a.mixed]
     rows: list[dict[str, Any]] = []
     print(
-        f"{'chunk':>6} {'TTFT p50/p99 (s)':>17} {'ITL p50/p99 (ms)':>17} {'tok/s':>7} {'prefill steps':>13}"
+        f"{'mixed':>5} {'chunk':>6} {'TTFT p50/p99 (s)':>17} {'ITL p50/p99 (ms)':>17} {'tok/s':>7} {'prefill steps':>13}"
     )
-    for chunk in sorted(chunk_sizes):
-        r = run_config(chunk, workload, a.model_path, **engine_kwargs)
+    for mixed, chunk in [(m, c) for m in modes for c in sorted(chunk_sizes)]:
+        r = run_config(chunk, workload, a.model_path, **engine_kwargs, enable_mixed_chunk=mixed)
         rows.append(r)
         print(
-            f"{chunk:>6} {r['ttft_p50_s']:>8.3f}/{r['ttft_p99_s']:<8.3f} {r['itl_p50_ms']:>8.1f}/"
+            f"{'on' if mixed else 'off':>5} {chunk:>6} {r['ttft_p50_s']:>8.3f}/{r['ttft_p99_s']:<8.3f} {r['itl_p50_ms']:>8.1f}/"
             f"{r['itl_p99_ms']:<8.1f} {r['output_throughput_tok_s']:>7.1f} {r['prefill_steps']:>13}",
             flush=True,
         )
         (a.out_dir / f"{name}.json").write_text(json.dumps({**meta, "results": rows}, indent=2))
-    w, compiled = workload, " compiled" if a.enable_torch_compile else ""
+    w, compiled = workload, "" if a.disable_torch_compile else " compiled"
     (l0, l1), (s0, s1) = w.long_len, w.short_len
     title = (
         f"{a.model_path or 'SmolLM2-135M-Instruct'} {a.dtype}{compiled}: {w.num_requests} requests at "

@@ -60,6 +60,7 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
     disable_radix_cache: bool = False
+    enable_mixed_chunk: bool = False  # running decodes join each prefill chunk's forward
     page_size: int = 1
     random_seed: int | None = None
 

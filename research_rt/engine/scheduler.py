@@ -101,6 +101,7 @@ class Scheduler(SchedulerLoop):
         self.num_prefill_tokens = 0
         self.num_cached_tokens = 0
         self.num_retractions = 0
+        self.num_mixed_steps = 0  # prefill forwards that carried running decodes (mixed chunks)
         self.step_hooks: list[Callable[[Scheduler], None]] = []
 
     # ================================================================ loop
@@ -108,7 +109,7 @@ class Scheduler(SchedulerLoop):
         self._drain_inbox()
         prefill = self._schedule_prefill()
         if prefill:
-            self._run_prefill(prefill)
+            self._run_prefill(prefill, self._prepare_decode() if self._can_mix() else [])
             return True
         if self.running:
             self._run_decode()
@@ -257,12 +258,20 @@ class Scheduler(SchedulerLoop):
         self.req_to_token.table[req.req_pool_row, req.kv_len : req.kv_len + n] = slots
         return True
 
-    def _run_prefill(self, items: list[PrefillItem]) -> None:
+    def _run_prefill(self, items: list[PrefillItem], decoding: list[Req]) -> None:
+        """One EXTEND forward for `items`; with --enable-mixed-chunk, `decoding` (the running
+        requests, their next slots already allocated) ride along as one-token rows at the end."""
         steps = [StepInput(it.req, it.start, it.length) for it in items]
         out_loc = torch.cat(
             [self.req_to_token.table[it.req.req_pool_row, it.start : it.start + it.length] for it in items]
         )
-        batch = self.runner.make_batch(ForwardMode.EXTEND, steps, out_loc)
+        batch = self.runner.make_batch(
+            ForwardMode.EXTEND,
+            steps,
+            out_loc,
+            capture_hidden=any(r.return_hidden_states for r in decoding),
+            decode_items=[StepInput(r, r.kv_len, 1) for r in decoding],
+        )
         # rows whose logits we need: input-logprob positions, and the last token of a finished prefill
         rows, plan = [], []
         offset = 0
@@ -279,6 +288,8 @@ class Scheduler(SchedulerLoop):
             if sample_row is not None:
                 rows.append(offset + sample_row - it.start)
             offset += it.length
+        first_decode_row = len(rows)
+        rows.extend(range(offset, offset + len(decoding)))
         logits, hidden = self.runner.forward(batch, torch.tensor(rows, dtype=torch.int64))
 
         self.num_prefill_tokens += sum(it.length for it in items)
@@ -307,43 +318,72 @@ class Scheduler(SchedulerLoop):
                 continue
             to_sample.append(req)
             sample_rows.append(first + len(lp_rows))
-        if to_sample:
-            self._sample_and_advance(to_sample, logits[torch.tensor(sample_rows)])
+        self._advance_decode(decoding, first_decode_row, hidden)
+        self.num_mixed_steps += bool(decoding)
+        if to_sample or decoding:
+            sample_rows = [*range(first_decode_row, first_decode_row + len(decoding)), *sample_rows]
+            self._sample_and_advance(decoding + to_sample, logits[torch.tensor(sample_rows)])
+            self._after_decode(decoding)
             self.running.extend(r for r in to_sample if not r.finished)
         self._after_step()
 
     # ================================================================ decode
     def _run_decode(self) -> None:
+        reqs = self._prepare_decode()
+        if not reqs:
+            return
+        out_loc = self.req_to_token.table[
+            torch.tensor([r.req_pool_row for r in reqs]), torch.tensor([r.kv_len for r in reqs])
+        ]
+        batch = self.runner.make_batch(
+            ForwardMode.DECODE,
+            [StepInput(r, r.kv_len, 1) for r in reqs],
+            out_loc,
+            capture_hidden=any(r.return_hidden_states for r in reqs),
+        )
+        logits, hidden = self.runner.forward(batch, torch.arange(len(reqs)))
+        self._advance_decode(reqs, 0, hidden)
+        self._sample_and_advance(reqs, logits)
+        self._after_decode(reqs)
+        self._after_step()
+
+    def _can_mix(self) -> bool:
+        """Mixed chunks only when every running request gets its next slot without retraction."""
+        return bool(
+            self.args.enable_mixed_chunk
+            and self.running
+            and self.kv_pool.available_size() + self.tree.evictable_size >= len(self.running)
+        )
+
+    def _prepare_decode(self) -> list[Req]:
+        """Drop aborted requests, make room, and give each running request its next KV slot
+        (at position kv_len of its row); return the requests that decode this step."""
         self._drop_aborted()
         if not self.running or not self._ensure_decode_room():
-            return
+            return []
         out_loc = self.kv_pool.alloc(len(self.running))
         assert out_loc is not None
         rows = torch.tensor([r.req_pool_row for r in self.running])
         self.req_to_token.table[rows, torch.tensor([r.kv_len for r in self.running])] = out_loc
         if self._decode_tokens_since_log == 0:  # throughput counts decoding time, not idle time
             self._decode_log_start = time.monotonic()
-        steps = [StepInput(r, r.kv_len, 1) for r in self.running]
-        batch = self.runner.make_batch(
-            ForwardMode.DECODE,
-            steps,
-            out_loc,
-            capture_hidden=any(r.return_hidden_states for r in self.running),
-        )
-        logits, hidden = self.runner.forward(batch, torch.arange(len(self.running)))
-        for i, req in enumerate(self.running):
+        return list(self.running)
+
+    def _advance_decode(self, reqs: list[Req], first_row: int, hidden: torch.Tensor | None) -> None:
+        for i, req in enumerate(reqs):
             req.kv_len += 1
             if req.return_hidden_states:
-                req.hidden_states.append(hidden[i].float().tolist())
-        reqs = list(self.running)
-        self._sample_and_advance(reqs, logits)
+                req.hidden_states.append(hidden[first_row + i].float().tolist())
+
+    def _after_decode(self, reqs: list[Req]) -> None:
+        if not reqs:
+            return
         self.running = [r for r in self.running if not r.finished]
         self.decode_steps += 1
         self._decode_tokens_since_log += len(reqs)
         self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, MIN_NEW_TOKEN_RATIO)
         if self.decode_steps % self.args.decode_log_interval == 0:
             self._log_decode()
-        self._after_step()
 
     def _drop_aborted(self) -> None:
         for req in [r for r in self.running if r.to_abort]:

@@ -66,6 +66,16 @@ class TorchNativeAttnBackend:
 
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, k_buf, v_buf, layer, batch)
+        if batch.mixed_decode is not None:  # extend rows first, then one-token decode rows
+            n = batch.mixed_decode.batch_size
+            extend = self._extend(q[:-n], k_buf, v_buf, layer, batch)
+            return torch.cat([extend, self._decode(q[-n:], k_buf, v_buf, layer, batch.mixed_decode)])
+        return self._extend(q, k_buf, v_buf, layer, batch)
+
+    @staticmethod
+    def _extend(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
         keys = k_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)  # [B, KVH, Lk, D]
         values = v_buf[batch.kv_indices].transpose(1, 2).to(q.dtype)
         padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[batch.q_gather]  # [B, Lq, H, D]

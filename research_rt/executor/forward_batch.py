@@ -20,8 +20,8 @@ class ForwardBatch:
 
     `out_cache_loc[i]` is the KV slot token i writes; `kv_indices[b, j]` the slot of request b's
     j-th key (0, the dummy slot, past its length); `attn_mask[b, 0, i, j]` whether query i of
-    request b sees key j. For EXTEND, `q_gather[b, i]` indexes the flat tokens (padding indexes
-    one past the end) and `q_scatter[t]` indexes the padded [B * Lq] layout back.
+    request b sees key j. For EXTEND, `q_gather[b, i]` indexes the flat extend tokens (padding
+    indexes one past the end) and `q_scatter[t]` indexes the padded [B * Lq] layout back.
     """
 
     mode: ForwardMode
@@ -37,6 +37,9 @@ class ForwardBatch:
     attn_backend: Any = None
     capture_hidden: bool = False
     expert_recorder: Any = None  # ExpertDistributionRecorder while recording, else None
+    # a mixed chunk (--enable-mixed-chunk): one-token decodes after the EXTEND tokens, with their
+    # own DECODE metadata; the attention backend runs them through its decode path
+    mixed_decode: ForwardBatch | None = None
 
     @property
     def is_decode(self) -> bool:

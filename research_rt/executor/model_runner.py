@@ -120,7 +120,22 @@ class ModelRunner:
         items: list[StepInput],
         out_cache_loc: torch.Tensor,
         capture_hidden: bool = False,
+        decode_items: list[StepInput] | None = None,
     ) -> ForwardBatch:
+        """The ForwardBatch for `items` (their KV slots in `out_cache_loc`). `decode_items` (EXTEND
+        only: a mixed chunk) are one-token decodes appended after the extend tokens; their slots are
+        already in their request rows at position `start`."""
+        if decode_items:
+            batch = self.make_batch(mode, items, out_cache_loc, capture_hidden)
+            dec_loc = torch.stack(
+                [self.req_to_token.table[it.req.req_pool_row, it.start] for it in decode_items]
+            )
+            decode = self.make_batch(ForwardMode.DECODE, decode_items, dec_loc)
+            batch.input_ids = torch.cat([batch.input_ids, decode.input_ids])
+            batch.positions = torch.cat([batch.positions, decode.positions])
+            batch.out_cache_loc = torch.cat([batch.out_cache_loc, decode.out_cache_loc])
+            batch.mixed_decode = decode
+            return batch
         if mode is ForwardMode.DECODE:  # the one new token is the last of fill_ids
             ids = [(it.req.output_ids or it.req.input_ids)[-1] for it in items]
             pos = [it.start for it in items]

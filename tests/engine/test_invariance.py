@@ -116,3 +116,28 @@ def test_smollm2_invariance():
     with research_rt.Engine(dtype="float32", chunked_prefill_size=16) as chunked:
         assert [o["text"] for o in chunked.generate(texts, params)] == alone
         chunked.check_pool_integrity()
+
+
+@pytest.mark.parametrize("pool", [None, 400])
+def test_mixed_chunks_match(tiny_llama_dir, reference, pool):
+    """--enable-mixed-chunk: running decodes ride along in prefill forwards (with a small pool:
+    also under eviction and retraction); outputs stay those of one request at a time."""
+    items, ref = reference
+    with research_rt.Engine(
+        str(tiny_llama_dir),
+        dtype="float32",
+        enable_mixed_chunk=True,
+        chunked_prefill_size=32,
+        max_running_requests=6,
+        max_total_tokens=pool,
+    ) as engine:
+        outs = engine.generate(input_ids=items, sampling_params=GREEDY)
+        assert [o["output_ids"] for o in outs] == ref
+        assert engine.scheduler.num_mixed_steps > 0
+        engine.check_pool_integrity()
+        logprobs = engine.generate(
+            input_ids=items[:3], sampling_params=GREEDY, return_logprob=True, logprob_start_len=0
+        )
+        assert [o["output_ids"] for o in logprobs] == ref[:3]
+        assert all(len(o["meta_info"]["output_token_logprobs"]) == 24 for o in logprobs)
+        engine.check_pool_integrity()

@@ -49,8 +49,17 @@ class FakeRunner:
         self.pos = torch.full((pool_size + 1,), -1, dtype=torch.int64)
         self.batches: list[tuple[ForwardMode, list[tuple[str, int, int, int]]]] = []
         self.tree = None  # set by make_scheduler
+        self.mixed_batches: list[tuple[list[str], list[str]]] = []
 
-    def make_batch(self, mode, steps, out_loc, capture_hidden=False):
+    def make_batch(self, mode, steps, out_loc, capture_hidden=False, decode_items=None):
+        if decode_items:  # a mixed chunk: one-token decodes after the extend tokens
+            assert mode is ForwardMode.EXTEND and all(s.length == 1 for s in decode_items)
+            dec_loc = torch.stack(
+                [self.req_to_token.table[s.req.req_pool_row, s.start] for s in decode_items]
+            )
+            batch = self.make_batch(mode, [*steps, *decode_items], torch.cat([out_loc.reshape(-1), dec_loc]))
+            self.mixed_batches.append(([s.req.rid for s in steps], [s.req.rid for s in decode_items]))
+            return batch
         out = out_loc.reshape(-1)
         assert len(out) == sum(s.length for s in steps)
         assert (out > 0).all(), "dummy slot 0 used for a real token"
@@ -327,6 +336,27 @@ def test_small_pool_retracts_and_still_finishes(radix):
     for rid, p in prompts.items():
         assert small[rid].finished_reason.type == "length"
         assert small[rid].output_ids == big[rid].output_ids == reference(p, 20)
+
+
+@pytest.mark.parametrize("pool_size", [4096, 60])
+def test_mixed_chunks_decode_inside_prefill(pool_size):
+    """--enable-mixed-chunk: running requests decode inside prefill forwards (never a request that
+    is itself prefilling in that batch); outputs, slot ownership and the idle pool are unchanged,
+    also when the pool is short (mixing is skipped rather than retracting)."""
+    prompts = {f"r{i}": prompt(60 + i, 9 + 7 * i) for i in range(6)}
+    sched, runner, outputs = make_scheduler(
+        pool_size=pool_size, enable_mixed_chunk=True, chunked_prefill_size=8, max_running=3
+    )
+    for rid, p in prompts.items():
+        sched.inbox.put(make_req(rid, p, max_new=10))
+    run(sched, limit=5000)
+    done = finished(outputs)
+    for rid, p in prompts.items():
+        assert done[rid].output_ids == reference(p, 10), rid
+    assert runner.mixed_batches, "no prefill carried running decodes"
+    for extend_rids, decode_rids in runner.mixed_batches:
+        assert not set(extend_rids) & set(decode_rids)
+    assert sched.num_mixed_steps == len(runner.mixed_batches)
 
 
 def test_request_larger_than_pool_is_aborted():
