@@ -31,16 +31,21 @@ def engine_tokens_per_s(prompts: list[list[int]], new_tokens: int, **engine_kwar
     return total / elapsed, elapsed
 
 
-def throughput(dtype: str, compile_: bool, hf: bool) -> dict[str, float]:
+def throughput(dtype: str, compile_: bool, hf: bool, mixed: bool = False) -> dict[str, float]:
     from research_rt.loader.model_loader import load_tokenizer
     from research_rt.loader.resolve import resolve_model_path
 
     tok = load_tokenizer(resolve_model_path(None))
     prompts = random_prompts(tok, 64, 32, 512, seed=0)
     rows = {}
-    tps, el = engine_tokens_per_s(prompts, 128, dtype=dtype, enable_torch_compile=compile_)
-    rows[f"research_rt {dtype}{' compile' if compile_ else ''}"] = tps
-    print(f"throughput research_rt {dtype} compile={compile_}: {tps:.1f} tok/s ({el:.1f} s)", flush=True)
+    tps, el = engine_tokens_per_s(
+        prompts, 128, dtype=dtype, enable_torch_compile=compile_, enable_mixed_chunk=mixed
+    )
+    rows[f"research_rt {dtype}{' compile' if compile_ else ''}{' mixed-chunk' if mixed else ''}"] = tps
+    print(
+        f"throughput research_rt {dtype} compile={compile_} mixed_chunk={mixed}: {tps:.1f} tok/s ({el:.1f} s)",
+        flush=True,
+    )
     if hf:
         model = load_hf_smollm(torch.bfloat16)
         hf_tps = hf_generate_tokens_per_s(model, prompts, 128, 16)
@@ -76,11 +81,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--enable-mixed-chunk", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows: dict[str, float] = {}
     if args.workload in ("throughput", "all"):
-        rows |= throughput(args.dtype, args.compile, not args.no_hf)
+        rows |= throughput(args.dtype, args.compile, not args.no_hf, args.enable_mixed_chunk)
     if args.workload in ("shared_prefix", "all"):
         rows |= shared_prefix(args.dtype, args.compile)
     if args.json:
