@@ -62,17 +62,17 @@ def main() -> None:
     lines = [
         "| workload | research_rt | baseline | ratio |",
         "|---|---|---|---|",
+        *(
+            f"| single stream, 128 tokens, {name.split(' ', 1)[1]} (tok/s) | {tps:.1f} | "
+            f"transformers best {hf_single:.1f} | {tps / hf_single:.2f}x |"
+            for name, tps in single.items()
+            if name.startswith("research_rt")
+        ),
         f"| 64 prompts x 128 tokens (tok/s) | {ours_tp:.1f} | transformers bf16 batch 16 {hf_tp:.1f} | {ours_tp / hf_tp:.2f}x |",
         f"| 32 x shared 1024-token prefix (s) | {on:.2f} (radix on) | {off:.2f} (radix off) | {off / on:.2f}x |",
-        f"| HTTP 32 req @2/s: TTFT p50 / ITL p50 | {serving['ttft_p50_s']:.2f} s / {serving['itl_p50_ms']:.1f} ms | | |",
+        f"| HTTP 32 req @2/s: TTFT p50 / p99 | {serving['ttft_p50_s']:.2f} s / {serving['ttft_p99_s']:.2f} s | | |",
+        f"| HTTP 32 req @2/s: ITL p50 / p99 | {serving['itl_p50_ms']:.1f} ms / {serving['itl_p99_ms']:.0f} ms | | |",
     ]
-    for name, tps in single.items():
-        if name.startswith("research_rt"):
-            lines.insert(
-                2 + sum(1 for k in single if k.startswith("research_rt") and k < name),
-                f"| single stream, 128 tokens, {name.split(' ', 1)[1]} (tok/s) | {tps:.1f} | "
-                f"transformers best {hf_single:.1f} | {tps / hf_single:.2f}x |",
-            )
     for row in grammar:
         if row["mode"] != "unconstrained":
             lines.append(
