@@ -34,6 +34,7 @@ def main() -> None:
             "BENCH_CONFIGS", "eager-bf16,compile-bf16,compile-fp32,compile-bf16-int8wo,compile-bf16-int4wo"
         ),
     )
+    latency = run("benchmarks.bench_latency", "--batch-sizes", "1,4,16,64")
     offline = run("benchmarks.bench_offline", "--dtype", "bfloat16", "--compile")
     serving = run(
         "benchmarks.bench_serving",
@@ -48,6 +49,7 @@ def main() -> None:
     grammar = run("benchmarks.bench_grammar", "--batch-sizes", "1,8")
     results = {
         "single_stream_tok_s": single,
+        "latency": latency,
         "offline": offline,
         "serving": serving,
         "grammar": grammar,
@@ -68,6 +70,14 @@ def main() -> None:
             for name, tps in single.items()
             if name.startswith("research_rt")
         ),
+        *(
+            f"| batch {bs[3:]} x 256-token prompts: prefill / decode step (ms) | "
+            f"{ours['prefill_ms']:.0f} / {ours['decode_step_ms']:.1f} | transformers "
+            f"{hf['prefill_ms']:.0f} / {hf['decode_step_ms']:.1f} | "
+            f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x / {hf['decode_step_ms'] / ours['decode_step_ms']:.2f}x |"
+            for bs, ours in latency["research_rt"].items()
+            if (hf := latency.get("transformers", {}).get(bs))
+        ),
         f"| 64 prompts x 128 tokens (tok/s) | {ours_tp:.1f} | transformers bf16 batch 16 {hf_tp:.1f} | {ours_tp / hf_tp:.2f}x |",
         f"| 32 x shared 1024-token prefix (s) | {on:.2f} (radix on) | {off:.2f} (radix off) | {off / on:.2f}x |",
         f"| HTTP 32 req @2/s: TTFT p50 / p99 | {serving['ttft_p50_s']:.2f} s / {serving['ttft_p99_s']:.2f} s | | |",
@@ -87,7 +97,7 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4))
         names = list(single)
         axes[0].barh(
             names, [single[n] for n in names], color=["C0" if "research" in n else "C7" for n in names]
@@ -96,6 +106,13 @@ def main() -> None:
         labels = ["research_rt (radix on)", "research_rt (radix off)"]
         axes[1].barh(labels, [on, off], color=["C0", "C1"])
         axes[1].set_xlabel("32 requests sharing a 1024-token prefix, seconds")
+        for name, rows in latency.items():
+            sizes = [int(k[3:]) for k in rows]
+            axes[2].plot(sizes, [r["decode_step_ms"] for r in rows.values()], "o-", label=name)
+        axes[2].set_xscale("log", base=2)
+        axes[2].set_xlabel("batch size")
+        axes[2].set_ylabel("decode step (ms), 256-token prompts")
+        axes[2].legend()
         fig.tight_layout()
         fig.savefig(OUT / "bench.png", dpi=120)
         print(f"plot: {OUT / 'bench.png'}")
