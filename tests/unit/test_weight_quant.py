@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from research_rt.models.layers.linear import Linear, linear
-from research_rt.models.layers.quant import PackedWeight, WeightOnlyConfig, quantize_model
+from research_rt.models.layers.quant import WeightOnlyConfig, quantize_model, quantize_weight
 from research_rt.server_args import ServerArgs
 
 
@@ -26,8 +26,7 @@ def test_parse_specs():
 def test_packed_matmul_equals_dequantized_weights(spec):
     torch.manual_seed(0)
     w = torch.randn(192, 256).to(torch.bfloat16)
-    packed = PackedWeight(w, WeightOnlyConfig.parse(spec))
-    deq = packed.dequantized(torch.float32)
+    packed, deq = quantize_weight(w, WeightOnlyConfig.parse(spec))
     # the quantization error is bounded by half a step of each row / group
     step = (w.float().abs().amax(1, keepdim=True) / 127) if spec == "int8wo" else None
     err = (deq - w.float()).abs()
@@ -53,7 +52,7 @@ def test_int4_reproduces_a_q4_1_grid():
     q = torch.randint(0, 16, (64, 8, 32))
     q[..., 0], q[..., 1] = 0, 15
     w = (d * q + m).view(64, 256).to(torch.bfloat16)
-    deq = PackedWeight(w, WeightOnlyConfig(4, 32)).dequantized(torch.bfloat16)
+    deq = quantize_weight(w, WeightOnlyConfig(4, 32))[1].to(torch.bfloat16)
     # two bfloat16 steps at the block's magnitude (scale and zero are stored in bfloat16); a
     # different grid would be off by up to half a 4-bit step, d / 2, over twice that
     block_ulp = (w.float().abs().view(64, 8, 32).amax(-1, keepdim=True) * 2**-6).expand(-1, -1, 32)
@@ -84,4 +83,4 @@ def test_quantize_model_one_row_and_many_rows_agree():
 
 def test_float32_models_are_refused():
     with pytest.raises(ValueError, match="bfloat16/float16"):
-        PackedWeight(torch.randn(8, 32), WeightOnlyConfig(8, 0))
+        quantize_weight(torch.randn(8, 32), WeightOnlyConfig(8, 0))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from research_rt.models.layers.quant import QUANT_MAX_ROWS, PackedWeight
+from research_rt.models.layers.quant import PackedWeight
 
 GEMV_MAX_ROWS = 1
 
@@ -42,7 +42,7 @@ def linear(
 ) -> torch.Tensor:
     """x @ weight.T + bias; a single row uses the weight-only kernel when the weight is `packed`
     (see quant.py), else the weight-streaming loop under compile."""
-    if packed is not None and x.dim() == 2 and x.shape[0] <= QUANT_MAX_ROWS:
+    if packed is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
         out = packed.matmul(x)
         return out if bias is None else out + bias
     if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and torch.compiler.is_compiling():

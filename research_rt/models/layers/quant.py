@@ -24,8 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-QUANT_MAX_ROWS = 1
-
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
@@ -48,47 +46,47 @@ class WeightOnlyConfig:
 
 
 class PackedWeight:
-    """One weight matrix [N, K] quantized for the weight-only kernels; `dequantized()` is what the
-    kernel multiplies by (up to float rounding)."""
+    """One weight matrix [N, K] in the layout of the weight-only kernels (see `quantize_weight`)."""
 
-    def __init__(self, weight: torch.Tensor, config: WeightOnlyConfig) -> None:
-        if weight.dtype not in (torch.bfloat16, torch.float16) or weight.device.type != "cpu":
-            raise ValueError("weight-only quantization needs a bfloat16/float16 model on CPU")
-        self.bits, self.group_size = config.bits, config.group_size
-        w = weight.detach().float()
-        n, k = w.shape
-        if self.bits == 8:
-            scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
-            self.qweight = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
-            self.scales = scale.to(weight.dtype)
-            return
-        gs = self.group_size
-        if k % gs:
-            raise ValueError(f"int4wo-{gs} needs in_features divisible by {gs}, got {k}")
-        blocks = w.view(n, k // gs, gs)
-        lo, hi = blocks.amin(-1), blocks.amax(-1)
-        scale = ((hi - lo) / 15).clamp_min(1e-12)
-        codes = ((blocks - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
-        # the kernel computes (code - 8) * scale + zero
-        zero = lo + 8 * scale
-        self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k), 1)
-        self.scales = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(weight.dtype)
-        self._codes = codes  # kept for `dequantized`, dropped after
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.bits == 8:
-            return self.qweight.float() * self.scales.float()[:, None]
-        codes = self._codes
-        scale, zero = self.scales.float().transpose(0, 1).unbind(-1)  # [N, K/gs]
-        out = (codes.float() - 8) * scale[..., None] + zero[..., None]
-        del self._codes
-        return out.reshape(codes.shape[0], -1).to(dtype)
+    def __init__(self, bits: int, group_size: int, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        self.bits, self.group_size, self.qweight, self.scales = bits, group_size, qweight, scales
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] in x's dtype."""
         if self.bits == 8:
             return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales)
+
+
+def quantize_weight(weight: torch.Tensor, config: WeightOnlyConfig) -> tuple[PackedWeight, torch.Tensor]:
+    """Quantize a [N, K] weight: the packed form, and the dequantized weight (float32) that the
+    kernel multiplies by (up to float rounding)."""
+    if weight.dtype not in (torch.bfloat16, torch.float16) or weight.device.type != "cpu":
+        raise ValueError("weight-only quantization needs a bfloat16/float16 model on CPU")
+    w = weight.detach().float()
+    n, k = w.shape
+    if config.bits == 8:
+        scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+        codes = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+        stored = scale.to(weight.dtype)
+        return PackedWeight(8, 0, codes, stored), codes.float() * stored.float()[:, None]
+    gs = config.group_size
+    if k % gs:
+        raise ValueError(f"int4wo-{gs} needs in_features divisible by {gs}, got {k}")
+    blocks = w.view(n, k // gs, gs)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    codes = ((blocks - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32)
+    # the kernel computes (code - 8) * scale + zero, with scale and zero in the model dtype
+    scale_zero = torch.stack([scale, lo + 8 * scale], -1).to(weight.dtype)  # [N, K/gs, 2]
+    packed = PackedWeight(
+        4,
+        gs,
+        torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k), 1),
+        scale_zero.transpose(0, 1).contiguous(),
+    )
+    s, z = scale_zero.float().unbind(-1)
+    return packed, ((codes.float() - 8) * s[..., None] + z[..., None]).view(n, k)
 
 
 def quantize_model(model: nn.Module, config: WeightOnlyConfig) -> int:
@@ -113,8 +111,8 @@ def quantize_model(model: nn.Module, config: WeightOnlyConfig) -> int:
 def _pack_into(weight: nn.Parameter, config: WeightOnlyConfig, existing: PackedWeight | None) -> PackedWeight:
     """Quantize `weight`; refill `existing` in place (after a weight update the compiled step keeps
     reading the same tensors) or return a new PackedWeight."""
-    packed = PackedWeight(weight.data, config)
-    weight.data.copy_(packed.dequantized(weight.dtype))
+    packed, dequantized = quantize_weight(weight.data, config)
+    weight.data.copy_(dequantized)
     if existing is None:
         return packed
     existing.qweight.copy_(packed.qweight)
