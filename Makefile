@@ -36,6 +36,7 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments
 	$(VENV)/bin/ruff format --check research_rt tests benchmarks experiments
+	$(VENV)/bin/lint-imports  # the layer contracts in pyproject.toml
 
 format: install
 	$(VENV)/bin/ruff format research_rt tests benchmarks experiments

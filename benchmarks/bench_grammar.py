@@ -15,7 +15,7 @@ import argparse
 import json
 import time
 
-import research_rt.executor.sampler as sampler_mod
+import research_rt.sampling.sampler as sampler_mod
 from benchmarks.common import timed
 
 SCHEMA = {

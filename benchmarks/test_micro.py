@@ -14,11 +14,11 @@ import torch
 
 from research_rt.cache.kv_pool import KVPool
 from research_rt.cache.radix_cache import RadixCache
-from research_rt.engine.req import Req
-from research_rt.engine.sampling_params import SamplingParams
-from research_rt.executor.attention_backend import TorchNativeAttnBackend, build_attention_metadata
-from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
-from research_rt.executor.sampler import Sampler
+from research_rt.core.forward_batch import ForwardBatch, ForwardMode
+from research_rt.core.req import Req
+from research_rt.core.sampling_params import SamplingParams
+from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
+from research_rt.sampling.sampler import Sampler
 
 
 class _Layer:
@@ -30,20 +30,19 @@ def test_decode_attention(benchmark, bs):
     seq = 512
     pool = KVPool(bs * seq + 8, 1, 3, 64, torch.bfloat16, "cpu")
     rows = torch.arange(1, bs * seq + 1).view(bs, seq)
-    kv, mask, _, _ = build_attention_metadata(ForwardMode.DECODE, [seq - 1] * bs, [1] * bs, rows)
+    backend = TorchNativeAttnBackend()
     batch = ForwardBatch(
         ForwardMode.DECODE,
         bs,
         torch.zeros(bs, dtype=torch.long),
         torch.zeros(bs, dtype=torch.long),
         rows[:, -1].clone(),
-        kv,
-        mask,
+        backend.build_metadata(ForwardMode.DECODE, [seq - 1] * bs, [1] * bs, rows),
         kv_pool=pool,
     )
     q = torch.randn(bs, 9, 64, dtype=torch.bfloat16)
     k = torch.randn(bs, 3, 64, dtype=torch.bfloat16)
-    out = benchmark(TorchNativeAttnBackend().forward, q, k, k.clone(), _Layer(), batch)
+    out = benchmark(backend.forward, q, k, k.clone(), _Layer(), batch)
     assert out.shape == (bs, 9 * 64) and torch.isfinite(out.float()).all()
 
 

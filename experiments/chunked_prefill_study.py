@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from research_rt import Engine
-from research_rt.engine.io_struct import GenerateInput
+from research_rt.frontend.generate_input import GenerateInput
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
@@ -66,8 +66,8 @@ async def one_request(engine: Engine, arrival: float, ids: list[int], new_tokens
     params = {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True}
     obj = GenerateInput(input_ids=ids, sampling_params=params, stream=True)
     sent, stamps = time.perf_counter(), []
-    async for _, resp, _ in engine.async_generate(obj):  # cumulative outputs: count the new tokens
-        n = resp["meta_info"]["completion_tokens"]
+    async for event in engine.async_generate(obj):  # cumulative outputs: count the new tokens
+        n = event.response["meta_info"]["completion_tokens"]
         stamps += [time.perf_counter()] * (n - len(stamps))  # >1 new token in one event: ITL 0 for the rest
     return {
         "prompt_len": len(ids),
@@ -90,13 +90,16 @@ def count_steps(engine: Engine) -> dict[str, int]:
     last: dict[str, int] = {}
 
     def hook(s: Any) -> None:
-        decoded = s.decode_steps - last["d"]
+        decoded = s.counters.decode_steps - last["d"]
         counts["decode_steps" if decoded else "prefill_steps"] += decoded or 1
-        counts["prefill_tokens"] += s.num_prefill_tokens - last["p"]
-        last["d"], last["p"] = s.decode_steps, s.num_prefill_tokens
+        counts["prefill_tokens"] += s.counters.num_prefill_tokens - last["p"]
+        last["d"], last["p"] = s.counters.decode_steps, s.counters.num_prefill_tokens
 
     def install() -> None:
-        last["d"], last["p"] = engine.scheduler.decode_steps, engine.scheduler.num_prefill_tokens
+        last["d"], last["p"] = (
+            engine.scheduler.counters.decode_steps,
+            engine.scheduler.counters.num_prefill_tokens,
+        )
         engine.scheduler.step_hooks.append(hook)
 
     engine.call_in_scheduler(install)

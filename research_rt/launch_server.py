@@ -108,16 +108,16 @@ def main(argv: list[str] | None = None) -> None:
         model_path=path,
         tokenizer_path=args.tokenizer_path or path,
         served_model_name=args.served_model_name or path,
-    )
+    ).resolved()
     logger.info("server_args=%s", args)
     engine = Engine(server_args=args)
     logger.info(
         "max_total_num_tokens=%d, chunked_prefill_size=%d, max_prefill_tokens=%d, max_running_requests=%d, "
         "context_len=%d",
-        engine.runner.max_total_num_tokens,
+        engine.max_total_num_tokens,
         args.chunked_prefill_size,
         args.max_prefill_tokens,
-        engine.runner.max_running_requests,
+        engine.max_running_requests,
         engine.context_len,
     )
     app = create_app(ServerState.create(engine, args), name="research_rt")

@@ -1,22 +1,28 @@
 """ServerArgs: every knob of the runtime, with SGLang's flag names and defaults.
 
 The same frozen dataclass configures the offline `Engine` (as keyword arguments) and the HTTP
-server (as `--flag-name` command-line options). Fields left as `None` are resolved by
-`ServerArgs.resolved()` once the model and device are known.
+server (as `--flag-name` command-line options). Constructing one only validates it; defaults that
+depend on the machine or the environment (device, chunk size, compile on/off, seed) are filled in
+by `resolved()`, which the Engine and the launcher call once at launch.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from research_rt.core.quant_config import WeightOnlyConfig
+
 SCHEDULE_POLICIES = ("fcfs", "lpm", "random", "dfs-weight")
 DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy", "pt")
+
+logger = logging.getLogger("research_rt.server_args")
 
 
 @dataclass(frozen=True)
@@ -26,13 +32,9 @@ class ServerArgs:
     tokenizer_path: str | None = None
     load_format: str = "auto"
     dtype: str = "auto"
-    kv_cache_dtype: str = "auto"
     context_length: int | None = None
     is_embedding: bool = False
     skip_tokenizer_init: bool = False
-    trust_remote_code: bool = False
-    revision: str | None = None
-    chat_template: str | None = None
     served_model_name: str | None = None
     device: str = "auto"
 
@@ -47,9 +49,6 @@ class ServerArgs:
     log_level: str = "info"
     log_level_http: str | None = None
     log_requests: bool = False
-    watchdog_timeout: float = 300.0
-    allow_auto_truncate: bool = False
-    file_storage_path: str = "sglang_storage"
 
     # Memory and scheduling
     mem_fraction_static: float | None = None
@@ -64,28 +63,36 @@ class ServerArgs:
     page_size: int = 1
     random_seed: int | None = None
 
-    # Compile and graphs. enable_torch_compile None: on for CPU (the compiled decode step is 2-3x
-    # faster there), off on CUDA (where CUDA graphs are the default, as in SGLang); the environment
-    # variable RESEARCH_RT_TORCH_COMPILE=0/1 changes that default (the test suite runs eager).
+    # Compile and graphs. enable_torch_compile None: decided by resolved() (on for CPU, off on CUDA)
     enable_torch_compile: bool | None = None
     disable_torch_compile: bool = False
     torch_compile_max_bs: int | None = None  # None: every batch size (one dynamic-batch graph on CPU)
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
-    disable_overlap_schedule: bool = False
     attention_backend: str | None = None
-    sampling_backend: str | None = None
     torchao_config: str = ""  # weight-only quantization for batch-1 decode: int8wo, int4wo-<group>
 
     # Features
     enable_custom_logit_processor: bool = False
-    grammar_backend: str | None = None
     tp_size: int = 1
     dp_size: int = 1
 
     # research_rt extras
     decode_log_interval: int = 40
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    # Accepted for SGLang compatibility only: research_rt ignores these; the Engine logs a warning
+    # for each one set to anything but its default (`warn_ignored_flags`, COMPAT_ONLY).
+    kv_cache_dtype: str = "auto"
+    trust_remote_code: bool = False
+    revision: str | None = None
+    chat_template: str | None = None
+    watchdog_timeout: float = 300.0
+    allow_auto_truncate: bool = False
+    file_storage_path: str = "sglang_storage"
+    disable_overlap_schedule: bool = False
+    sampling_backend: str | None = None
+    grammar_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -98,24 +105,41 @@ class ServerArgs:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.page_size != 1:
             raise ValueError("only page_size 1 is supported")
-        if self.random_seed is None:
-            object.__setattr__(self, "random_seed", random.randint(0, 1 << 30))
-        if self.device == "auto":
+        WeightOnlyConfig.parse(self.torchao_config)  # raises on an unknown spelling
+
+    def resolved(self, environ: dict[str, str] | None = None) -> ServerArgs:
+        """These args with the launch-time defaults filled in (idempotent): the device ("auto":
+        CUDA when present), chunked_prefill_size (2048 on CUDA, 512 on CPU), cuda_graph_max_bs,
+        enable_torch_compile (on for CPU, where the compiled decode step is 2-3x faster; off on
+        CUDA, where CUDA graphs are the default, as in SGLang; RESEARCH_RT_TORCH_COMPILE=0/1 in the
+        environment changes that default) and a random seed."""
+        env = os.environ if environ is None else environ
+        changes: dict[str, Any] = {}
+        device = self.device
+        if device == "auto":
             import torch
 
-            object.__setattr__(self, "device", "cuda" if torch.cuda.is_available() else "cpu")
+            device = changes["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.random_seed is None:
+            changes["random_seed"] = random.randint(0, 1 << 30)
         if self.chunked_prefill_size is None:
-            object.__setattr__(self, "chunked_prefill_size", 2048 if self.device == "cuda" else 512)
+            changes["chunked_prefill_size"] = 2048 if device == "cuda" else 512
         if self.cuda_graph_max_bs is None:
-            object.__setattr__(self, "cuda_graph_max_bs", 160)
+            changes["cuda_graph_max_bs"] = 160
         if self.disable_torch_compile:
-            object.__setattr__(self, "enable_torch_compile", False)
+            changes["enable_torch_compile"] = False
         elif self.enable_torch_compile is None:
-            default = os.environ.get("RESEARCH_RT_TORCH_COMPILE", "1" if self.device == "cpu" else "0")
-            object.__setattr__(self, "enable_torch_compile", default not in ("0", "false", ""))
-        from research_rt.models.layers.quant import WeightOnlyConfig
+            default = env.get("RESEARCH_RT_TORCH_COMPILE", "1" if device == "cpu" else "0")
+            changes["enable_torch_compile"] = default not in ("0", "false", "")
+        return dataclasses.replace(self, **changes) if changes else self
 
-        WeightOnlyConfig.parse(self.torchao_config)  # raises on an unknown spelling
+    def warn_ignored_flags(self) -> None:
+        """Log a warning for each compatibility-only field set to something other than its default."""
+        defaults = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
+        for name in COMPAT_ONLY:
+            if getattr(self, name) != defaults[name]:
+                flag = "--" + name.replace("_", "-")
+                logger.warning("%s is accepted for SGLang compatibility and ignored by research_rt.", flag)
 
     def replace(self, **changes: Any) -> ServerArgs:
         return dataclasses.replace(self, **changes)
@@ -146,6 +170,20 @@ class ServerArgs:
     def from_cli_args(args: argparse.Namespace) -> ServerArgs:
         names = {f.name for f in dataclasses.fields(ServerArgs)} - {"extra"}
         return ServerArgs(**{k: v for k, v in vars(args).items() if k in names})
+
+
+COMPAT_ONLY = (
+    "kv_cache_dtype",
+    "trust_remote_code",
+    "revision",
+    "chat_template",
+    "watchdog_timeout",
+    "allow_auto_truncate",
+    "file_storage_path",
+    "disable_overlap_schedule",
+    "sampling_backend",
+    "grammar_backend",
+)
 
 
 def _cli_type(annotation: str) -> type:

@@ -44,11 +44,10 @@ def _match_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 class RadixCache:
-    """Prefix cache. `disable=True` turns it into a cache that never shares."""
+    """Prefix cache that shares KV between requests (`PrefixCache`, prefix_cache.py)."""
 
-    def __init__(self, kv_pool: KVPool, disable: bool = False) -> None:
+    def __init__(self, kv_pool: KVPool) -> None:
         self.kv_pool = kv_pool
-        self.disable = disable
         self.reset()
 
     def reset(self) -> None:
@@ -63,7 +62,7 @@ class RadixCache:
 
         A match that ends inside a node splits it, so the returned node covers the prefix exactly.
         """
-        if self.disable or not key:
+        if not key:
             return torch.empty(0, dtype=torch.int64), self.root
         values: list[torch.Tensor] = []
         node = self.root
@@ -106,8 +105,6 @@ class RadixCache:
         The caller owns `value[:returned]` twice over (the tree keeps its own copies) and must
         free those duplicate slots; `value[returned:]` now belongs to the tree.
         """
-        if self.disable:
-            return 0
         key = list(key)
         node = self.root
         node.last_access = time.monotonic()
@@ -150,7 +147,7 @@ class RadixCache:
     # ---------------------------------------------------------------- eviction
     def evict(self, num_tokens: int) -> int:
         """Free at least `num_tokens` slots from unlocked leaves, least recently used first."""
-        if self.disable or num_tokens <= 0:
+        if num_tokens <= 0:
             return 0
         leaves = [n for n in self._all_nodes() if not n.children and n.lock_ref == 0 and n is not self.root]
         heapq.heapify(leaves)

@@ -1,58 +1,67 @@
-"""The offline Engine: the same scheduler loop the server runs, driven from Python.
+"""The Engine: the one API over the runtime, for Python callers and for the HTTP server alike.
 
     engine = research_rt.Engine()            # the embedded SmolLM2-135M-Instruct
     out = engine.generate("Hi", {"temperature": 0, "max_new_tokens": 16})
     print(out["text"], out["meta_info"])
 
 The scheduler runs on a background thread; `generate` submits requests and waits for their
-outputs (or yields cumulative chunks with `stream=True`). `async_generate` is the asyncio flavour
-the HTTP server uses.
+outputs (or yields cumulative chunks with `stream=True`). `async_generate` and `async_encode` are
+the asyncio flavours the server uses; `abort_request`, `flush_cache`, `update_weights_from_disk`,
+the expert-distribution recorder, profiling and `stats` complete what the server needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import torch
 
-from research_rt.engine.embedding import NOT_GENERATION
-from research_rt.engine.embedding_api import EmbeddingAPIMixin
-from research_rt.engine.encoder_scheduler import EncoderScheduler
-from research_rt.engine.io_struct import GenerateInput, RequestError
-from research_rt.engine.req import Req
-from research_rt.engine.scheduler import Control, ReqOutput, Scheduler
-from research_rt.engine.tokenizer_front import TokenizerFront, eos_token_ids
+from research_rt.core.errors import RequestError
+from research_rt.core.messages import AbortReq, AddReq, CallInScheduler, FlushCache, ReqOutput
+from research_rt.core.req import Req
+from research_rt.engine.collector import GenerateEvent, OutputCollector
+from research_rt.engine.encode import EncodeMixin
+from research_rt.engine.instruments import InstrumentsMixin
+from research_rt.engine.profiler import SchedulerProfiler
+from research_rt.engine.weights import update_weights_on_scheduler
 from research_rt.executor.encoder_runner import EncoderRunner
 from research_rt.executor.model_runner import ModelRunner
-from research_rt.loader.model_loader import load_config, load_tokenizer
+from research_rt.frontend.embedding_input import (
+    NOT_GENERATION,
+)
+from research_rt.frontend.generate_input import GenerateInput
+from research_rt.frontend.request_builder import RequestBuilder, eos_token_ids
+from research_rt.frontend.response import generate_response
+from research_rt.loader.model_loader import generation_eos, load_config, load_tokenizer
 from research_rt.loader.resolve import resolve_model_path
 from research_rt.models.registry import is_embedding_architecture, resolve_model_class
+from research_rt.scheduler.encoder_scheduler import EncoderScheduler
+from research_rt.scheduler.scheduler import Scheduler
+from research_rt.scheduler.stats import SchedulerStats
 from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger("research_rt.engine")
 
-Event = tuple[int, dict[str, Any], bool]  # (index in the flattened batch, response dict, finished)
 
-
-class Engine(EmbeddingAPIMixin):
+class Engine(EncodeMixin, InstrumentsMixin):
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         args = kwargs.pop("server_args", None) or ServerArgs(model_path=model_path, **kwargs)
+        args = args.resolved()
+        args.warn_ignored_flags()
         self.server_args = args
         self.source = resolve_model_path(args.model_path)
         self.model_path = args.model_path or self.source.path
-        config = load_config(self.source)
+        self.config = load_config(self.source)
         self.tokenizer = (
             None if args.skip_tokenizer_init else load_tokenizer(self.source, args.tokenizer_path)
         )
-        architectures = getattr(config, "architectures", None)
+        architectures = getattr(self.config, "architectures", None)
         self.is_embedding = bool(args.is_embedding or is_embedding_architecture(architectures))
         self._is_encoder = getattr(resolve_model_class(architectures), "is_encoder", False)
-        self.config = config
         self._sinks: dict[str, Callable[[ReqOutput], None]] = {}
         self._sinks_lock = threading.Lock()
         self._stop = threading.Event()
@@ -63,35 +72,35 @@ class Engine(EmbeddingAPIMixin):
         ready = threading.Event()
         failure: list[BaseException] = []
         self._thread = threading.Thread(
-            target=self._scheduler_main,
-            args=(config, ready, failure),
-            daemon=True,
-            name="research_rt-scheduler",
+            target=self._scheduler_main, args=(ready, failure), daemon=True, name="research_rt-scheduler"
         )
         self._thread.start()
         ready.wait()
         if failure:
             raise failure[0]
 
-    def _scheduler_main(self, config: Any, ready: threading.Event, failure: list[BaseException]) -> None:
+    def _scheduler_main(self, ready: threading.Event, failure: list[BaseException]) -> None:
         args = self.server_args
         try:
             with torch.inference_mode():
-                self.runner = (EncoderRunner if self._is_encoder else ModelRunner)(args, self.source, config)
+                self.runner = (EncoderRunner if self._is_encoder else ModelRunner)(
+                    args, self.source, self.config
+                )
             self.context_len = self.runner.context_len
-            self.front = TokenizerFront(
-                self.tokenizer,
-                args,
-                config,
-                self.context_len,
-                self.runner.max_total_num_tokens,
-                eos_token_ids(config, self.tokenizer, _generation_eos(self.source)),
+            self.max_total_num_tokens = self.runner.max_total_num_tokens
+            self.max_running_requests = self.runner.max_running_requests
+            stop_ids = eos_token_ids(self.config, self.tokenizer, generation_eos(self.source))
+            self.builder = RequestBuilder(
+                self.tokenizer, args, self.config, self.context_len, self.max_total_num_tokens, stop_ids
             )
+            self.max_req_input_len = self.builder.max_req_input_len
             self.scheduler = (
                 EncoderScheduler(self.runner, args, self._on_output)
                 if self._is_encoder
                 else Scheduler(self.runner, self.tokenizer, args, self._on_output)
             )
+            self.profiler = SchedulerProfiler()
+            self.scheduler.step_hooks.append(self.profiler.on_step)
         except BaseException as e:  # noqa: BLE001 - re-raised in the constructor's thread
             failure.append(e)
             ready.set()
@@ -103,7 +112,7 @@ class Engine(EmbeddingAPIMixin):
     def _on_output(self, outs: list[ReqOutput]) -> None:
         for out in outs:
             with self._sinks_lock:
-                sink = self._sinks.pop(out.req.rid, None) if out.finished else self._sinks.get(out.req.rid)
+                sink = self._sinks.pop(out.rid, None) if out.finished else self._sinks.get(out.rid)
             if sink is not None:
                 sink(out)
 
@@ -115,48 +124,46 @@ class Engine(EmbeddingAPIMixin):
             for r in reqs:
                 self._sinks[r.rid] = sink
         for r in reqs:
-            self.scheduler.inbox.put(r)
+            self.scheduler.inbox.put(AddReq(r))
 
-    def _start(self, obj: GenerateInput, sink: Callable[[ReqOutput], None]) -> tuple[list[Req], bool]:
+    def _start(self, obj: GenerateInput, loop: asyncio.AbstractEventLoop | None) -> OutputCollector:
         """Validate `obj` and start its requests; n > 1 first prefills each prompt once (cache)."""
         if self.is_embedding:
             raise RequestError(NOT_GENERATION)
-        groups, single = self.front.make_reqs(obj)
+        groups = self.builder.make_reqs(obj)
         flat = [r for g in groups for r in g]
-        if any(len(g) > 1 for g in groups) and not self.server_args.disable_radix_cache:
-            warm = [
-                self.front.make_reqs(
-                    GenerateInput(input_ids=g[0].input_ids, sampling_params={"max_new_tokens": 0})
-                )[0][0][0]
-                for g in groups
-                if len(g) > 1
-            ]
-            pending = {r.rid for r in warm}
-            lock = threading.Lock()
+        collector = OutputCollector([r.rid for r in flat], loop)
+        shared = [g[0].input_ids for g in groups if len(g) > 1]
+        if not shared or self.server_args.disable_radix_cache:
+            self._submit(flat, collector.put)
+            return collector
+        warm = [
+            r
+            for ids in shared
+            for r in self.builder.make_reqs(
+                GenerateInput(input_ids=ids, sampling_params={"max_new_tokens": 0})
+            )[0]
+        ]
+        pending = {r.rid for r in warm}
+        lock = threading.Lock()
 
-            def warm_sink(out: ReqOutput) -> None:
-                with lock:
-                    pending.discard(out.req.rid)
-                    done = not pending
-                if done:
-                    self._submit(flat, sink)
+        def warm_done(out: ReqOutput) -> None:
+            with lock:
+                pending.discard(out.rid)
+                done = not pending
+            if done:
+                self._submit(flat, collector.put)
 
-            self._submit(warm, warm_sink)
-        else:
-            self._submit(flat, sink)
-        return flat, single and len(flat) == 1
+        self._submit(warm, warm_done)
+        return collector
 
     def call_in_scheduler(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run `fn` on the scheduler thread between steps; return its result (or raise its error)."""
-        ctl = Control("call", fn=fn)
-        self.scheduler.inbox.put(ctl)
-        if not ctl.done.wait(timeout):
-            raise TimeoutError("scheduler did not answer")
-        if isinstance(ctl.result, Exception):
-            raise ctl.result
-        return ctl.result
+        msg = CallInScheduler(fn)
+        self.scheduler.inbox.put(msg)
+        return msg.reply.result(timeout)
 
-    # ---------------------------------------------------------------- public API
+    # ---------------------------------------------------------------- generate
     def generate(
         self,
         prompt: str | list[str] | None = None,
@@ -182,95 +189,90 @@ class Engine(EmbeddingAPIMixin):
             stream=stream,
             **kwargs,
         )
-        events: queue.Queue[ReqOutput] = queue.Queue()
-        reqs, single = self._start(obj, events.put)
-        it = self._collect(reqs, single, obj, events.get)
+        collector = self._start(obj, None)
+        single = obj.single_response
+
+        def events() -> Iterator[dict[str, Any]]:
+            try:
+                for index, out in collector:
+                    resp = generate_response(out, self.tokenizer, obj.return_text_in_logprobs)
+                    if not single:
+                        resp["index"] = index
+                    yield resp
+            finally:
+                self._abort_remaining(collector)
+
         if stream:
-            return (resp for _, resp, _ in it)
-        final: dict[int, dict[str, Any]] = {}
-        for index, resp, finished in it:
-            if finished:
-                final[index] = resp
-        results = [final[i] for i in range(len(reqs))]
+            return events()
+        results = [r for r in events() if r["meta_info"]["finish_reason"] is not None]
+        results.sort(key=lambda r: r.get("index", 0))
         return results[0] if single else results
 
     async def async_generate(
         self, obj: GenerateInput, stream_incremental_ids: bool = False
-    ) -> AsyncIterator[Event]:
-        """Yield (index, response, finished) as outputs arrive; aborts its requests if cancelled."""
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[ReqOutput] = asyncio.Queue()
-        reqs, single = self._start(obj, lambda out: loop.call_soon_threadsafe(events.put_nowait, out))
-        remaining = {r.rid for r in reqs}
+    ) -> AsyncIterator[GenerateEvent]:
+        """Yield a `GenerateEvent` as outputs arrive; aborts the call's requests if cancelled.
+        With `stream_incremental_ids`, each response's `output_ids` holds only the new tokens."""
+        collector = self._start(obj, asyncio.get_running_loop())
+        sent: dict[int, int] = {}
         try:
-            index_of = {r.rid: i for i, r in enumerate(reqs)}
-            sent = dict.fromkeys(index_of, 0)
-            while remaining:
-                out = await events.get()
-                if _skippable(out, obj, sent):
-                    continue
-                i = index_of[out.req.rid]
-                resp = self.front.response(
-                    out.req,
-                    out.text,
-                    obj.return_text_in_logprobs,
-                    sent[out.req.rid] if stream_incremental_ids else 0,
-                    upto=out.num_output_ids,
-                )
-                sent[out.req.rid] = out.num_output_ids
-                if out.finished:
-                    remaining.discard(out.req.rid)
-                yield i, resp, out.finished
+            async for index, out in collector:
+                ids_from = sent.get(index, 0) if stream_incremental_ids else 0
+                sent[index] = out.completion_tokens
+                resp = generate_response(out, self.tokenizer, obj.return_text_in_logprobs, ids_from)
+                yield GenerateEvent(index, resp, out.finished, out.error)
         finally:
-            for rid in remaining:
-                self.abort_request(rid)
+            self._abort_remaining(collector)
 
-    def _collect(
-        self, reqs: list[Req], single: bool, obj: GenerateInput, get: Callable[[], ReqOutput]
-    ) -> Iterator[Event]:
-        index_of = {r.rid: i for i, r in enumerate(reqs)}
-        remaining = set(index_of)
-        seen = dict.fromkeys(index_of, 0)
-        while remaining:
-            out = get()
-            if _skippable(out, obj, seen):
-                continue
-            seen[out.req.rid] = out.num_output_ids
-            if out.finished:
-                remaining.discard(out.req.rid)
-            resp = self.front.response(
-                out.req, out.text, obj.return_text_in_logprobs, upto=out.num_output_ids
-            )
-            if not single:
-                resp["index"] = index_of[out.req.rid]
-            yield index_of[out.req.rid], resp, out.finished
+    def _abort_remaining(self, collector: OutputCollector) -> None:
+        for rid in collector.remaining:
+            self.abort_request(rid)
 
+    # ---------------------------------------------------------------- control
     def abort_request(self, rid: str | None = None) -> None:
         """Abort one request (or all with rid=None); its KV slots are freed at the next step."""
-        self.scheduler.inbox.put(Control("abort" if rid else "abort_all", rid=rid))
+        self.scheduler.inbox.put(AbortReq(rid))
 
     def flush_cache(self) -> bool:
-        ctl = Control("flush_cache")
-        self.scheduler.inbox.put(ctl)
-        ctl.done.wait()
-        return bool(ctl.result)
+        """Empty the prefix cache; refused (False) while requests are queued or running."""
+        msg = FlushCache()
+        self.scheduler.inbox.put(msg)
+        return bool(msg.reply.result())
 
-    def check_pool_integrity(self) -> None:
-        """Assert no KV slot is lost; waits until the scheduler is idle."""
-        self.call_in_scheduler(
-            lambda: self.scheduler.tree.check_integrity(expect_idle=self.scheduler.is_idle())
+    def update_weights_from_disk(self, model_path: str, load_format: str | None = None) -> tuple[bool, str]:
+        """Load new weights into the running model (rolled back on failure); (success, message)."""
+        fmt = load_format or self.server_args.load_format
+        ok, message, source = self.call_in_scheduler(
+            lambda: update_weights_on_scheduler(self, model_path, fmt)
         )
+        if ok:
+            self.source, self.model_path = source, model_path
+        return ok, message
+
+    def stats(self) -> SchedulerStats:
+        """A consistent snapshot taken on the scheduler thread between two steps, with the KV pool
+        integrity check when idle (`kv_pool_whole`)."""
+        return self.call_in_scheduler(lambda: self.scheduler.stats(check_pool=True), timeout=30)
+
+    def load(self) -> SchedulerStats:
+        """The same figures read without waiting for the scheduler (no integrity check)."""
+        return self.scheduler.stats()
 
     def get_load(self) -> dict[str, Any]:
-        s = self.scheduler
+        s = self.load()
         return {
-            "num_running_reqs": len(s.running),
-            "num_waiting_reqs": len(s.waiting),
-            "num_used_tokens": s.kv_pool.size - s.kv_pool.available_size() - s.tree.evictable_size,
-            "num_cached_tokens": s.tree.evictable_size + s.tree.protected_size,
-            "num_free_tokens": s.kv_pool.available_size(),
+            "num_running_reqs": s.num_running_reqs,
+            "num_waiting_reqs": s.num_queue_reqs,
+            "num_used_tokens": s.num_used_tokens,
+            "num_cached_tokens": s.num_cached_tokens,
+            "num_free_tokens": s.num_free_tokens,
         }
 
+    def check_pool_integrity(self) -> None:
+        """Assert no KV slot is lost (the scheduler must be idle)."""
+        assert self.stats().kv_pool_whole, "the KV pool is not whole (see the log)"
+
+    # ---------------------------------------------------------------- lifetime
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -280,20 +282,3 @@ class Engine(EmbeddingAPIMixin):
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
-
-
-def _skippable(out: ReqOutput, obj: GenerateInput, reported: dict[str, int]) -> bool:
-    """A non-streaming caller needs only the first token (time to first token) and the final
-    state: skip building a response for every step in between."""
-    return not obj.stream and not out.finished and reported[out.req.rid] > 0
-
-
-def _generation_eos(source) -> Any:
-    if source.is_gguf:
-        return None
-    try:
-        from transformers import GenerationConfig
-
-        return GenerationConfig.from_pretrained(str(source.directory)).eos_token_id
-    except Exception:  # noqa: BLE001 - generation_config.json is optional
-        return None

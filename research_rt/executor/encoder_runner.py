@@ -2,8 +2,7 @@
 
 Encoders attend bidirectionally and produce one vector per input, so there is no KV cache, no
 radix cache and no chunking: `encode` pads a batch of token lists, runs the model once and pools
-with the checkpoint's sentence-transformers pooling. `kv_pool` is a one-slot placeholder so pool
-statistics (/get_server_info, /get_load) read the same as for decoders.
+with the checkpoint's sentence-transformers pooling.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ from typing import Any
 
 import torch
 
-from research_rt.cache.kv_pool import KVPool
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
 from research_rt.models.layers.pooler import SentencePooling
@@ -36,7 +34,6 @@ class EncoderRunner:
         )
         self.max_batch_tokens = max(min(budget, args.max_prefill_tokens), self.context_len)
         self.max_total_num_tokens = self.max_batch_tokens
-        self.kv_pool = KVPool(1, 1, 1, 1, self.dtype, "cpu")
         self.expert_recorder = None
         logger.info(
             "Encoder %s: pooling %s, normalize %s", source.path, self.pooling.mode, self.pooling.normalize

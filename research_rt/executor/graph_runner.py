@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
+from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +46,15 @@ def bucket_for(bs: int, buckets: list[int]) -> int | None:
 
 
 def pad_decode_inputs(batch: ForwardBatch, bucket: int, kv_len: int) -> dict[str, torch.Tensor]:
-    """Pad a DECODE batch's tensors to `bucket` rows and `kv_len` keys (dummy slot 0 everywhere)."""
-    bs, lk = batch.kv_indices.shape
-    pad_rows = bucket - bs
-    kv = torch.nn.functional.pad(batch.kv_indices, (0, kv_len - lk, 0, pad_rows))
-    mask = torch.nn.functional.pad(batch.attn_mask, (0, kv_len - lk, 0, 0, 0, 0, 0, pad_rows))
-    if pad_rows:
-        mask[bs:, 0, 0, 0] = True
+    """A DECODE batch's tensors padded to `bucket` rows and `kv_len` keys, by name: the token
+    fields (padding rows write the dummy KV slot 0) and the backend's metadata tensors."""
+    backend = batch.attn_backend
+    pad_rows = bucket - batch.batch_size
     return {
         "input_ids": torch.nn.functional.pad(batch.input_ids, (0, pad_rows)),
         "positions": torch.nn.functional.pad(batch.positions, (0, pad_rows)),
         "out_cache_loc": torch.nn.functional.pad(batch.out_cache_loc, (0, pad_rows)),
-        "kv_indices": kv,
-        "attn_mask": mask,
+        **backend.tensors(backend.pad_for_graph(batch.attn_metadata, bucket, kv_len)),
     }
 
 
@@ -81,21 +77,21 @@ class DecodeGraphRunner:
         self.buckets = batch_buckets(max_bs)
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
         self.compiled: Callable[..., torch.Tensor] = torch.compile(self._step, dynamic=None, fullgraph=True)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor]] = {}
+        # bucket -> (graph, static inputs, static output, key capacity)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}
         self.seen_shapes: set[tuple[int, int]] = set()
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return batch.mode is ForwardMode.DECODE and bucket_for(batch.batch_size, self.buckets) is not None
 
-    def _step(self, input_ids, positions, out_cache_loc, kv_indices, attn_mask) -> torch.Tensor:
+    def _step(self, input_ids, positions, out_cache_loc, **metadata) -> torch.Tensor:
         batch = ForwardBatch(
             mode=ForwardMode.DECODE,
             batch_size=input_ids.shape[0],
             input_ids=input_ids,
             positions=positions,
             out_cache_loc=out_cache_loc,
-            kv_indices=kv_indices,
-            attn_mask=attn_mask,
+            attn_metadata=self.attn_backend.from_tensors(metadata),
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
         )
@@ -106,19 +102,18 @@ class DecodeGraphRunner:
         """Logits [bs, vocab] for a DECODE batch."""
         bucket = bucket_for(batch.batch_size, self.buckets)
         assert bucket is not None
-        lk = batch.kv_indices.shape[1]
+        lk = self.attn_backend.key_length(batch.attn_metadata)
         kv_len = -(-lk // KV_ALIGN) * KV_ALIGN
-        inputs = pad_decode_inputs(batch, bucket, kv_len)
         if self.use_cuda_graph:
-            return self._replay(bucket, inputs)[: batch.batch_size]
-        return self._run_compiled(inputs)[: batch.batch_size]
+            return self._replay(batch, bucket, kv_len)[: batch.batch_size]
+        return self._run_compiled(pad_decode_inputs(batch, bucket, kv_len))[: batch.batch_size]
 
     def _run_compiled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Two compiled graphs on CPU: batch 1 (its linears stream weights as GEMVs) and one for
         every larger bucket (batch dimension dynamic); key length dynamic in both."""
         bucket = inputs["input_ids"].shape[0]
-        torch._dynamo.mark_dynamic(inputs["kv_indices"], 1)
-        torch._dynamo.mark_dynamic(inputs["attn_mask"], 3)
+        for name, dim in self.attn_backend.dynamic_dims().items():
+            torch._dynamo.mark_dynamic(inputs[name], dim)
         if bucket > 1:
             for name in inputs:
                 torch._dynamo.mark_dynamic(inputs[name], 0, min=2, max=MAX_DYNAMIC_BATCH)
@@ -142,46 +137,39 @@ class DecodeGraphRunner:
         for bs in (1, min(2, self.buckets[-1])):
             bucket = bucket_for(bs, self.buckets)
             assert bucket is not None
-            kv = torch.zeros(bucket, KV_ALIGN, dtype=torch.int64, device=self.device)
-            mask = torch.zeros(bucket, 1, 1, KV_ALIGN, dtype=torch.bool, device=self.device)
-            mask[..., 0] = True
             zeros = torch.zeros(bucket, dtype=torch.int64, device=self.device)
+            rows = torch.zeros(bucket, KV_ALIGN, dtype=torch.int64)  # every key in the dummy slot
+            meta = self.attn_backend.build_metadata(
+                ForwardMode.DECODE, [0] * bucket, [1] * bucket, rows, self.device
+            )
+            meta = self.attn_backend.pad_for_graph(meta, bucket, KV_ALIGN)
             with torch.inference_mode():
                 self._run_compiled(
                     {
                         "input_ids": zeros,
                         "positions": zeros.clone(),
                         "out_cache_loc": zeros.clone(),
-                        "kv_indices": kv,
-                        "attn_mask": mask,
+                        **self.attn_backend.tensors(meta),
                     }
                 )
 
     # ------------------------------------------------------------------ CUDA graphs
-    def _replay(self, bucket: int, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        graph, static, out = self.graphs.get(bucket, (None, None, None))  # type: ignore[assignment]
-        if graph is None or static["kv_indices"].shape[1] < inputs["kv_indices"].shape[1]:
-            graph, static, out = self._capture(
-                bucket, inputs, max(256, 1 << (inputs["kv_indices"].shape[1] - 1).bit_length())
-            )
-        for name, value in inputs.items():
-            dst = static[name]
-            if name in ("kv_indices", "attn_mask"):
-                dst.zero_()
-                if name == "attn_mask":
-                    dst[..., 0] = True
-                dst[..., : value.shape[-1]].copy_(value)
-            else:
-                dst.copy_(value)
+    def _replay(self, batch: ForwardBatch, bucket: int, kv_len: int) -> torch.Tensor:
+        captured = self.graphs.get(bucket)
+        if captured is None or captured[3] < kv_len:
+            capacity = max(256, 1 << (kv_len - 1).bit_length())
+            captured = self._capture(bucket, pad_decode_inputs(batch, bucket, capacity), capacity)
+        graph, static, out, capacity = captured
+        # pad to the captured key length, then copy every input into its static buffer
+        for name, value in pad_decode_inputs(batch, bucket, capacity).items():
+            static[name].copy_(value)
         graph.replay()
         return out
 
     def _capture(self, bucket: int, inputs: dict[str, torch.Tensor], kv_len: int):
-        """Capture `bucket` with room for `kv_len` keys (a power of two: few recaptures)."""
+        """Capture `bucket` with room for `kv_len` keys (a power of two: few recaptures); `inputs`
+        are already padded to that length."""
         static = {k: v.clone() for k, v in inputs.items()}
-        pad = kv_len - static["kv_indices"].shape[1]
-        static["kv_indices"] = torch.nn.functional.pad(static["kv_indices"], (0, pad))
-        static["attn_mask"] = torch.nn.functional.pad(static["attn_mask"], (0, pad))
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -192,5 +180,5 @@ class DecodeGraphRunner:
         pool = next(iter(self.graphs.values()))[0].pool() if self.graphs else None
         with torch.cuda.graph(graph, pool=pool):
             out = self._step(**static)
-        self.graphs[bucket] = (graph, static, out)
-        return graph, static, out
+        self.graphs[bucket] = (graph, static, out, kv_len)
+        return self.graphs[bucket]

@@ -15,15 +15,15 @@ import psutil
 import torch
 
 from research_rt.cache.kv_pool import KVPool, ReqToTokenPool
-from research_rt.engine.req import Req
-from research_rt.executor.attention_backend import TorchNativeAttnBackend, build_attention_metadata
+from research_rt.core.forward_batch import ForwardBatch, ForwardMode
+from research_rt.core.quant_config import WeightOnlyConfig
+from research_rt.core.req import Req
+from research_rt.executor.attention import create_backend
 from research_rt.executor.expert_distribution import ExpertDistributionRecorder
-from research_rt.executor.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.graph_runner import DecodeGraphRunner
-from research_rt.executor.sampler import Sampler
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
-from research_rt.models.layers.quant import WeightOnlyConfig, quantize_model
+from research_rt.models.layers.quant import quantize_model
 from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ class ModelRunner:
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.weight_quant = WeightOnlyConfig.parse(args.torchao_config)
         self._quantize()
-        attn = self.model.model.layers[0].self_attn
-        self.num_layers = len(self.model.model.layers)
-        self.kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+        spec = self.model.kv_spec()
+        self.num_layers, self.kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         self.max_total_num_tokens = self._pool_size()
         self.kv_pool = KVPool(
             self.max_total_num_tokens, self.num_layers, self.kv_heads, self.head_dim, self.dtype, self.device
@@ -60,8 +59,7 @@ class ModelRunner:
         max_reqs = args.max_running_requests or max(1, min(self.max_total_num_tokens // 2, 256))
         self.max_running_requests = max_reqs
         self.req_to_token = ReqToTokenPool(max_reqs, self.context_len, self.device)
-        self.attn_backend = TorchNativeAttnBackend()
-        self.sampler = Sampler()
+        self.attn_backend = create_backend(args.attention_backend)
         self.graph_runner: DecodeGraphRunner | None = None
         self.expert_recorder = _make_expert_recorder(self.model)
         # grouped MoE dispatch syncs with the host (per-expert counts): it cannot be graph-captured
@@ -146,11 +144,12 @@ class ModelRunner:
                 pos.extend(range(it.start, it.start + it.length))
         rows = torch.tensor([it.req.req_pool_row for it in items], dtype=torch.int64)
         max_len = max(it.start + it.length for it in items)
-        kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
+        metadata = self.attn_backend.build_metadata(
             mode,
             [it.start for it in items],
             [it.length for it in items],
             self.req_to_token.table[rows, :max_len],
+            self.device,
         )
         return ForwardBatch(
             mode=mode,
@@ -158,10 +157,7 @@ class ModelRunner:
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
             positions=torch.tensor(pos, dtype=torch.int64, device=self.device),
             out_cache_loc=out_cache_loc.to(self.device),
-            kv_indices=kv_indices.to(self.device),
-            attn_mask=mask.to(self.device),
-            q_gather=None if q_gather is None else q_gather.to(self.device),
-            q_scatter=None if q_scatter is None else q_scatter.to(self.device),
+            attn_metadata=metadata,
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
             capture_hidden=capture_hidden,

@@ -63,6 +63,18 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
     return AutoTokenizer.from_pretrained(str(source.directory))
 
 
+def generation_eos(source: ModelSource) -> Any:
+    """`eos_token_id` of the checkpoint's generation_config.json (optional; None for GGUF)."""
+    if source.is_gguf:
+        return None
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(str(source.directory)).eos_token_id
+    except Exception:  # noqa: BLE001 - generation_config.json is optional
+        return None
+
+
 def context_length(config: Any, requested: int | None) -> int:
     """The context length to serve: the model's `max_position_embeddings` unless a shorter one is
     requested; a longer one is refused (the position tables and trained positions end there)."""

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from research_rt.executor.forward_batch import ForwardBatch
+from research_rt.core.forward_batch import ForwardBatch
 from research_rt.models.layers import Attention, RMSNorm, RotaryEmbedding
 from research_rt.models.layers.linear import Linear, linear
+from research_rt.models.protocol import KVSpec
 from research_rt.models.registry import register_model
 
 
@@ -124,6 +125,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, weight).float()
+
+    def kv_spec(self) -> KVSpec:
+        attn = self.model.layers[0].self_attn.attn
+        return KVSpec(len(self.model.layers), attn.num_kv_heads, attn.head_dim)
 
     # ------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from research_rt.executor.forward_batch import ForwardBatch
+from research_rt.core.forward_batch import ForwardBatch
 from research_rt.models.layers.moe import SparseMoeBlock, parse_expert_name
 from research_rt.models.llama import DecoderLayer, DecoderMLP, LlamaForCausalLM
 from research_rt.models.registry import register_model

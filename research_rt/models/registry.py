@@ -1,4 +1,5 @@
-"""Model registry keyed by the `architectures` field of a checkpoint's config.
+"""Model registry keyed by the `architectures` field of a checkpoint's config. The built-in
+models register themselves when `research_rt.models` is imported (its `__init__`).
 
 A researcher registers a modified class from their own script, no edit inside the package:
 
@@ -26,12 +27,10 @@ def register_model(architecture: str, override: bool = False) -> Callable[[type]
 
 
 def supported_architectures() -> list[str]:
-    _import_builtin_models()
     return sorted(_REGISTRY)
 
 
 def resolve_model_class(architectures: list[str] | None) -> type:
-    _import_builtin_models()
     for arch in architectures or []:
         if arch in _REGISTRY:
             return _REGISTRY[arch]
@@ -48,7 +47,3 @@ EMBEDDING_SUFFIXES = ("ForSequenceClassification", "ForRewardModel")
 def is_embedding_architecture(architectures: list[str] | None) -> bool:
     """Whether a checkpoint's `architectures` makes it an embedding (or reward) model by default."""
     return any(a in EMBEDDING_ARCHITECTURES or a.endswith(EMBEDDING_SUFFIXES) for a in architectures or [])
-
-
-def _import_builtin_models() -> None:
-    from research_rt.models import bert, classification, llama, mixtral, qwen2, qwen2_moe, qwen3  # noqa: F401

@@ -15,7 +15,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, empty, json
 
-from research_rt.engine.io_struct import RequestError
+from research_rt.core.errors import RequestError
 from research_rt.server.protocol import error_body, openai_error_body
 from research_rt.server.state import ServerState
 

@@ -15,17 +15,16 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json, raw, text
 
 import research_rt
-from research_rt.engine.embedding import NOT_EMBEDDING, NOT_GENERATION, EmbeddingInput
-from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.core.errors import RequestError
+from research_rt.engine.engine import GenerateEvent
+from research_rt.frontend.embedding_input import NOT_EMBEDDING, NOT_GENERATION, EmbeddingInput
+from research_rt.frontend.generate_input import GenerateInput
 from research_rt.server.protocol import (
-    SSE_DONE,
-    abort_error,
     error_body,
     generate_input,
-    is_single,
     parse_json,
-    sse,
 )
+from research_rt.server.sse import stream_events
 from research_rt.server.state import ServerState
 from research_rt.server.weights import update_weights_from_disk
 
@@ -48,7 +47,7 @@ async def generate(request: Request) -> HTTPResponse | None:
     obj = generate_input(parse_json(request.body))
     if state.engine.is_embedding:
         raise RequestError(NOT_GENERATION)
-    single = is_single(obj)
+    single = obj.single_response
     incremental = obj.stream and state.server_args.stream_output
     if obj.stream:
         await stream_generate(request, state, obj, single, incremental)
@@ -60,43 +59,23 @@ async def generate(request: Request) -> HTTPResponse | None:
 async def stream_generate(
     request: Request, state: ServerState, obj: GenerateInput, single: bool, incremental: bool
 ) -> None:
-    """Cumulative SSE events (`index` for batches), `data: [DONE]` at the end.
-
-    Validation errors are raised before the first byte (HTTP 400 JSON); errors after the stream has
-    started (an abort with a status) arrive as `data: {"error": {...}}` followed by `[DONE]`.
-    """
+    """Cumulative SSE events (`index` for batches, every `--stream-interval` tokens), then
+    `data: [DONE]`; a request that ends as a client error sends `data: {"error": {...}}` (sse.py)."""
     interval = max(1, state.server_args.stream_interval)
     counts: dict[int, int] = {}
-    async with contextlib.aclosing(state.generate(obj, incremental)) as events:
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
-        response = await request.respond(
-            content_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
 
-        async def send(index: int, resp: dict[str, Any], finished: bool) -> None:
-            counts[index] = counts.get(index, 0) + 1
-            if not finished and not incremental and counts[index] % interval:
-                return
-            err = abort_error(resp) if finished else None
-            if err is not None:
-                await response.send(sse(error_body(err[0])))
-                return
-            if not single:
-                resp["index"] = index
-            await response.send(sse(resp))
+    def render(event: GenerateEvent) -> list[dict[str, Any]]:
+        index, resp = event.index, event.response
+        counts[index] = counts.get(index, 0) + 1
+        if not event.finished and not incremental and counts[index] % interval:
+            return []
+        if event.error is not None:
+            return [error_body(event.error[0])]
+        if not single:
+            resp["index"] = index
+        return [resp]
 
-        try:
-            if first is not None:
-                await send(*first)
-            async for event in events:
-                await send(*event)
-        except RequestError as e:
-            await response.send(sse(error_body(e.message)))
-        await response.send(SSE_DONE)
-        await response.eof()
+    await stream_events(request, state.generate(obj, incremental), render, lambda e: error_body(e.message))
 
 
 async def get_model_info(request: Request) -> HTTPResponse:
@@ -117,10 +96,10 @@ async def get_server_info(request: Request) -> HTTPResponse:
     info = {f.name: getattr(state.server_args, f.name) for f in dataclasses.fields(state.server_args)}
     info.pop("extra", None)
     info.update(
-        max_total_num_tokens=engine.runner.max_total_num_tokens,
-        max_req_input_len=engine.front.max_req_input_len,
+        max_total_num_tokens=engine.max_total_num_tokens,
+        max_req_input_len=engine.max_req_input_len,
         context_len=engine.context_len,
-        max_running_requests=info["max_running_requests"] or engine.runner.max_running_requests,
+        max_running_requests=info["max_running_requests"] or engine.max_running_requests,
         version=research_rt.__version__,
         attention_backend=state.server_args.attention_backend or "torch_native",
         sampling_backend=state.server_args.sampling_backend or "pytorch",

@@ -15,12 +15,12 @@ from typing import Any
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
-from research_rt.engine.embedding import EmbeddingInput
-from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.core.errors import RequestError
+from research_rt.frontend.embedding_input import EmbeddingInput
+from research_rt.frontend.generate_input import GenerateInput
 from research_rt.server.native import check_embedding_model
 from research_rt.server.protocol import (
     SSE_DONE,
-    abort_error,
     ids_or_batch,
     int_list,
     openai_error_body,
@@ -150,11 +150,10 @@ async def _stream(
         try:
             pending = [first] if first is not None else []
             async for event in _chain(pending, events):
-                index, resp, finished = event
+                index, resp, finished = event.index, event.response, event.finished
                 if finished:
-                    err = abort_error(resp)
-                    if err is not None:
-                        raise RequestError(*err)
+                    if event.error is not None:
+                        raise RequestError(*event.error)
                     finals[index] = resp
                 for chunk in make_chunks(index, resp, finished):
                     await response.send(sse(chunk))

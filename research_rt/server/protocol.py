@@ -11,7 +11,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.core.errors import RequestError
+from research_rt.frontend.generate_input import GenerateInput
 
 
 def parse_json(body: bytes | None, required: bool = True) -> dict[str, Any]:
@@ -98,14 +99,6 @@ def generate_input(data: dict[str, Any]) -> GenerateInput:
     return obj
 
 
-def is_single(obj: GenerateInput) -> bool:
-    """Whether the response is one object (not a list): a single prompt with n == 1."""
-    _, single = obj.prompts()
-    sp = obj.sampling_params
-    n = sp.get("n", 1) if isinstance(sp, dict) else 1
-    return single and n == 1 and not isinstance(sp, list)
-
-
 def error_body(message: str) -> dict[str, Any]:
     return {"error": {"message": message}}
 
@@ -120,15 +113,3 @@ def sse(data: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
-
-
-def abort_error(resp: dict[str, Any]) -> tuple[str, int] | None:
-    """(message, status) when a finished response is an abort that should become an HTTP error."""
-    reason = resp["meta_info"].get("finish_reason") or {}
-    if (
-        reason.get("type") == "abort"
-        and reason.get("status_code") is not None
-        and reason["status_code"] >= 400
-    ):
-        return reason.get("message") or "Request aborted.", int(reason["status_code"])
-    return None

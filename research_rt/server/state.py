@@ -17,9 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from research_rt.engine.embedding import EmbeddingInput
-from research_rt.engine.engine import Engine, Event
-from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.core.errors import RequestError
+from research_rt.engine.engine import Engine, GenerateEvent
+from research_rt.frontend.embedding_input import EmbeddingInput
+from research_rt.frontend.generate_input import GenerateInput
 from research_rt.server.metrics import Metrics
 from research_rt.server_args import ServerArgs
 
@@ -103,94 +104,57 @@ class ServerState:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    async def generate(self, obj: GenerateInput, incremental_ids: bool = False) -> AsyncIterator[Event]:
-        """Run `obj` through the engine; yields (index, response, finished) like `async_generate`.
-
-        Validation errors (`RequestError`) are raised at the first `__anext__`, before any event.
-        """
+    async def generate(
+        self, obj: GenerateInput, incremental_ids: bool = False
+    ) -> AsyncIterator[GenerateEvent]:
+        """Run `obj` through the engine under the reader lock, recording metrics; yields the
+        engine's events. Validation errors (`RequestError`) are raised at the first `__anext__`."""
         async with self.lock.reader():
             t0 = time.perf_counter()
             first_token_seen: set[int] = set()
             async with contextlib.aclosing(self.engine.async_generate(obj, incremental_ids)) as events:
-                async for index, resp, finished in events:
-                    meta = resp["meta_info"]
-                    if not obj.log_metrics:
-                        yield index, resp, finished
-                        continue
-                    if index not in first_token_seen and meta["completion_tokens"] > 0:
-                        first_token_seen.add(index)
-                        self.metrics.observe_ttft(time.perf_counter() - t0)
-                    if finished:
-                        self.metrics.observe_finished(
-                            meta["prompt_tokens"], meta["completion_tokens"], time.perf_counter() - t0
-                        )
-                    yield index, resp, finished
+                async for event in events:
+                    meta = event.response["meta_info"]
+                    if obj.log_metrics:
+                        if event.index not in first_token_seen and meta["completion_tokens"] > 0:
+                            first_token_seen.add(event.index)
+                            self.metrics.observe_ttft(time.perf_counter() - t0)
+                        if event.finished:
+                            elapsed = time.perf_counter() - t0
+                            self.metrics.observe_finished(
+                                meta["prompt_tokens"], meta["completion_tokens"], elapsed
+                            )
+                    yield event
 
     async def encode(self, obj: EmbeddingInput) -> tuple[list[dict[str, Any]], bool]:
         """Run an embedding request under the reader lock; (responses in order, single?)."""
-        from research_rt.server.protocol import abort_error
-
         async with self.lock.reader():
             t0 = time.perf_counter()
             results, single = await self.engine.async_encode(obj)
-        for resp in results:
-            err = abort_error(resp)
-            if err is not None:
-                raise RequestError(*err)
-            if obj.log_metrics:
+        if obj.log_metrics:
+            for resp in results:
                 self.metrics.observe_finished(resp["meta_info"]["prompt_tokens"], 0, time.perf_counter() - t0)
         return results, single
 
     async def collect(self, obj: GenerateInput) -> list[dict[str, Any]]:
-        """Run to completion; the final responses in flattened-batch order. An abort carrying an
-        HTTP status (e.g. 400: the pool is too small) is raised as a RequestError."""
-        from research_rt.server.protocol import abort_error
-
-        finals: dict[int, dict[str, Any]] = {}
+        """Run to completion; the final responses in flattened-batch order. A request that ended
+        as a client error (e.g. 400: the pool is too small) raises it as a RequestError."""
+        finals: dict[int, GenerateEvent] = {}
         async with contextlib.aclosing(self.generate(obj)) as events:
-            async for index, resp, finished in events:
-                if finished:
-                    finals[index] = resp
-        results = [finals[i] for i in sorted(finals)]
-        for resp in results:
-            err = abort_error(resp)
-            if err is not None:
-                raise RequestError(*err)
-        return results
+            async for event in events:
+                if event.finished:
+                    finals[event.index] = event
+        ordered = [finals[i] for i in sorted(finals)]
+        err = next((e.error for e in ordered if e.error is not None), None)
+        if err is not None:
+            raise RequestError(*err)
+        return [e.response for e in ordered]
 
     async def live_stats(self) -> dict[str, Any]:
-        """A consistent snapshot of the scheduler, taken on its thread between two steps.
+        """The engine's stats snapshot (taken on the scheduler thread between two steps), as a dict.
 
         `kv_pool_whole` is the pool integrity check (free + cached == total, no slot owned twice,
         nothing locked) when the scheduler is idle, and null while requests are queued or running.
         """
-        engine = self.engine
-
-        def snapshot() -> dict[str, Any]:
-            s = engine.scheduler
-            idle = s.is_idle()
-            whole: bool | None = None
-            if idle:
-                try:
-                    s.tree.check_integrity(expect_idle=True)
-                    whole = True
-                except AssertionError as e:
-                    logger.error("KV pool integrity check failed: %s", e)
-                    whole = False
-            total, free = s.kv_pool.size, s.kv_pool.available_size()
-            used = total - free - s.tree.evictable_size
-            seen = s.num_prefill_tokens + s.num_cached_tokens
-            return {
-                "num_running_reqs": len(s.running) + (s.chunked is not None),
-                "num_queue_reqs": len(s.waiting),
-                "num_used_tokens": used,
-                "num_free_tokens": free,
-                "num_cached_tokens": s.tree.evictable_size + s.tree.protected_size,
-                "token_usage": used / total,
-                "cache_hit_rate": s.num_cached_tokens / seen if seen else 0.0,
-                "last_gen_throughput": s.last_gen_throughput,
-                "kv_pool_whole": whole,
-            }
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: engine.call_in_scheduler(snapshot, timeout=30))
+        stats = await asyncio.get_running_loop().run_in_executor(None, self.engine.stats)
+        return stats.as_dict()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from research_rt.engine.io_struct import RequestError
+from research_rt.core.errors import RequestError
 
 PROMPT = [101, 2045, 3999, 17, 42, 7, 900, 3120]
 

@@ -70,7 +70,7 @@ def test_retraction_under_tiny_pool_matches(tiny_llama_dir, reference):
     with research_rt.Engine(str(tiny_llama_dir), dtype="float32", max_total_tokens=400) as engine:
         outs = engine.generate(input_ids=items, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == ref
-        assert engine.scheduler.num_retractions > 0
+        assert engine.scheduler.counters.num_retractions > 0
         engine.check_pool_integrity()
 
 
@@ -81,7 +81,7 @@ def test_disabled_radix_cache_never_shares(tiny_llama_dir, reference):
         b = engine.generate(input_ids=items[0], sampling_params=GREEDY)
         assert a["meta_info"]["cached_tokens"] == b["meta_info"]["cached_tokens"] == 0
         assert a["output_ids"] == b["output_ids"] == ref[0]
-        assert engine.scheduler.kv_pool.available_size() == engine.scheduler.kv_pool.size
+        assert engine.scheduler.cache.kv_pool.available_size() == engine.scheduler.cache.kv_pool.size
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
@@ -133,7 +133,7 @@ def test_mixed_chunks_match(tiny_llama_dir, reference, pool):
     ) as engine:
         outs = engine.generate(input_ids=items, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == ref
-        assert engine.scheduler.num_mixed_steps > 0
+        assert engine.scheduler.counters.num_mixed_steps > 0
         engine.check_pool_integrity()
         logprobs = engine.generate(
             input_ids=items[:3], sampling_params=GREEDY, return_logprob=True, logprob_start_len=0

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import research_rt
-from research_rt.engine.io_struct import RequestError
+from research_rt.core.errors import RequestError
 from tests.conftest import TINY_COMMON, TINY_CONFIGS, make_tiny_checkpoint
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [5, 17, 99, 3, 8], [300, 1, 2, 3], list(range(10, 60))]

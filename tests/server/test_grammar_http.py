@@ -22,7 +22,7 @@ REGEX = r"[a-z]{2,6}-[0-9]{1,3}"
 # A processor class defined as a user's script would define it (module __main__), so that dill
 # pickles it by value and the server can load it without importing this test module.
 FORCE_TOKEN_SRC = """
-from research_rt.engine.custom_logit_processor import CustomLogitProcessor
+from research_rt.sampling.custom_logit_processor import CustomLogitProcessor
 
 class ForceToken(CustomLogitProcessor):
     def __call__(self, logits, custom_param_list=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from research_rt.executor.forward_batch import ForwardBatch
+from research_rt.core.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):

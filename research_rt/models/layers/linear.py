@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from research_rt.models.layers.quant import PackedWeight
+from research_rt.models.layers.packed_weight import PackedWeight
 
 GEMV_MAX_ROWS = 1
 

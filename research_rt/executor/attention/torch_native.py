@@ -1,0 +1,172 @@
+"""Pure-PyTorch attention over the token-level KV pool (the reference backend; CPU and GPU).
+
+Keys and values are gathered from the pool into a padded [B, KVH, Lk, D] layout with one batched
+index, and `scaled_dot_product_attention` runs over all requests at once with an explicit mask
+(grouped-query heads via `enable_gqa`). No Python loop over requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from research_rt.core.forward_batch import ForwardBatch, ForwardMode
+from research_rt.executor.attention.base import AttentionBackend
+
+
+@dataclass
+class TorchNativeMetadata:
+    """`kv_indices[b, j]`: the slot of request b's j-th key (0, the dummy slot, past its length);
+    `attn_mask[b, 0, i, j]`: whether query i of request b sees key j. EXTEND only: `q_gather[b, i]`
+    indexes the flat extend tokens (padding indexes one past the end) and `q_scatter[t]` indexes the
+    padded [B * Lq] layout back."""
+
+    kv_indices: torch.Tensor  # [B, Lk]
+    attn_mask: torch.Tensor  # [B, 1, Lq, Lk] bool
+    q_gather: torch.Tensor | None = None  # [B, Lq]
+    q_scatter: torch.Tensor | None = None  # [T]
+
+
+def build_attention_metadata(
+    mode: ForwardMode,
+    prefix_lens: list[int],
+    extend_lens: list[int],
+    kv_rows: torch.Tensor,
+    pad_kv_to: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """kv_indices, attn_mask, q_gather, q_scatter for requests whose slots are `kv_rows[b, :len_b]`.
+
+    Request b has `prefix_lens[b]` cached keys and `extend_lens[b]` new tokens (1 in DECODE); its
+    query i sits at position prefix_lens[b] + i and sees keys [0, prefix_lens[b] + i].
+    """
+    bs = len(prefix_lens)
+    prefix = torch.tensor(prefix_lens, dtype=torch.int64)
+    extend = torch.tensor(extend_lens, dtype=torch.int64)
+    seq = prefix + extend
+    lk = int(seq.max()) if pad_kv_to is None else pad_kv_to
+    lq = int(extend.max())
+    key_pos = torch.arange(lk)
+    kv_indices = kv_rows[:, :lk].clone()
+    kv_indices[key_pos[None, :] >= seq[:, None]] = 0
+    q_pos = prefix[:, None] + torch.arange(lq)[None, :]  # [B, Lq]
+    q_valid = torch.arange(lq)[None, :] < extend[:, None]
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal, [B, Lq, Lk]
+    mask &= q_valid[:, :, None]
+    mask[:, :, 0] |= ~q_valid  # padded queries look at the dummy key only (no all-masked rows)
+    mask = mask.unsqueeze(1)
+    if mode is ForwardMode.DECODE:
+        return kv_indices, mask, None, None
+    total = int(extend.sum())
+    starts = torch.cumsum(extend, 0) - extend
+    q_gather = starts[:, None] + torch.arange(lq)[None, :]
+    q_gather[~q_valid] = total
+    q_scatter = (torch.arange(bs)[:, None] * lq + torch.arange(lq)[None, :])[q_valid]
+    return kv_indices, mask, q_gather, q_scatter
+
+
+class TorchNativeAttnBackend(AttentionBackend):
+    """Batched SDPA over gathered KV. Works on any device torch supports."""
+
+    name = "torch_native"
+    metadata_cls = TorchNativeMetadata
+
+    def build_metadata(self, mode, prefix_lens, extend_lens, kv_rows, device="cpu") -> TorchNativeMetadata:
+        kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
+            mode, prefix_lens, extend_lens, kv_rows
+        )
+        return TorchNativeMetadata(
+            kv_indices.to(device),
+            mask.to(device),
+            None if q_gather is None else q_gather.to(device),
+            None if q_scatter is None else q_scatter.to(device),
+        )
+
+    def pad_for_graph(self, metadata: TorchNativeMetadata, bucket: int, kv_len: int) -> TorchNativeMetadata:
+        bs, lk = metadata.kv_indices.shape
+        pad_rows = bucket - bs
+        kv = F.pad(metadata.kv_indices, (0, kv_len - lk, 0, pad_rows))
+        mask = F.pad(metadata.attn_mask, (0, kv_len - lk, 0, 0, 0, 0, 0, pad_rows))
+        if pad_rows:
+            mask[bs:, 0, 0, 0] = True  # padding rows see only the dummy slot
+        return TorchNativeMetadata(kv, mask)
+
+    def dynamic_dims(self) -> dict[str, int]:
+        return {"kv_indices": 1, "attn_mask": 3}
+
+    def key_length(self, metadata: TorchNativeMetadata) -> int:
+        return metadata.kv_indices.shape[1]
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
+        pool = batch.kv_pool
+        k_buf = pool.k_buffers[layer.layer_id]
+        v_buf = pool.v_buffers[layer.layer_id]
+        k_buf.index_copy_(0, batch.out_cache_loc, k.to(k_buf.dtype))
+        v_buf.index_copy_(0, batch.out_cache_loc, v.to(v_buf.dtype))
+
+        if batch.mode is ForwardMode.DECODE:
+            return self._decode(q, k_buf, v_buf, layer, batch)
+        if batch.mixed_decode is not None:  # extend rows first, then one-token decode rows
+            n = batch.mixed_decode.batch_size
+            extend = self._extend(q[:-n], k_buf, v_buf, layer, batch)
+            return torch.cat([extend, self._decode(q[-n:], k_buf, v_buf, layer, batch.mixed_decode)])
+        return self._extend(q, k_buf, v_buf, layer, batch)
+
+    @staticmethod
+    def _extend(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
+        meta = batch.attn_metadata
+        keys = k_buf[meta.kv_indices].transpose(1, 2).to(q.dtype)  # [B, KVH, Lk, D]
+        values = v_buf[meta.kv_indices].transpose(1, 2).to(q.dtype)
+        padded = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.q_gather]  # [B, Lq, H, D]
+        queries = padded.transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=meta.attn_mask,
+            scale=layer.scaling,
+            enable_gqa=layer.num_heads != layer.num_kv_heads,
+        )  # [B, H, Lq, D]
+        out = out.transpose(1, 2).reshape(-1, layer.num_heads * layer.head_dim)
+        return out[meta.q_scatter]
+
+    @staticmethod
+    def _decode(
+        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """One query per request, written out (no SDPA kernel launch per layer): the query heads of
+        a KV group share one matmul against that group's keys; softmax in float32."""
+        bs, kvh, d = batch.batch_size, layer.num_kv_heads, layer.head_dim
+        group = layer.num_heads // kvh
+        meta = batch.attn_metadata
+        keys = k_buf[meta.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
+        values = v_buf[meta.kv_indices].to(q.dtype)
+        if torch.compiler.is_compiling():
+            return _decode_fused(q.view(bs, kvh, group, d), keys, values, meta.attn_mask, layer.scaling)
+        queries = q.view(bs, kvh, group, d)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.einsum("bhgd,bkhd->bhgk", queries, keys).to(acc) * layer.scaling
+        scores = scores.masked_fill(~meta.attn_mask.view(bs, 1, 1, -1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.einsum("bhgk,bkhd->bhgd", probs, values)
+        return out.reshape(bs, layer.num_heads * d)
+
+
+def _decode_fused(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """The same decode attention as products and sums, for Inductor: it fuses the gather from the
+    KV pool into both reductions, so each cached key and value is read once and never copied into a
+    padded [B, Lk, ...] tensor (at batch 64 that copy dominated the step)."""
+    bs, kvh, group, d = queries.shape
+    q = queries.float()
+    scores = (q[:, None, :, :, :] * keys.float()[:, :, :, None, :]).sum(-1) * scaling  # [B, Lk, KVH, G]
+    scores = scores.masked_fill(~mask.view(bs, -1, 1, 1), float("-inf"))
+    probs = torch.softmax(scores, dim=1)
+    out = (probs[..., None] * values.float()[:, :, :, None, :]).sum(1)  # [B, KVH, G, D]
+    return out.to(queries.dtype).reshape(bs, kvh * group * d)

@@ -1,0 +1,177 @@
+"""RequestBuilder: text -> ids, validation with SGLang's error texts, and the `Req`s of an input."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Any
+
+import torch
+
+from research_rt.core.errors import RequestError
+from research_rt.core.req import Req
+from research_rt.core.sampling_params import SamplingParams
+from research_rt.frontend.generate_input import GenerateInput
+from research_rt.sampling.custom_logit_processor import DISABLED_MESSAGE, load_processor
+from research_rt.sampling.grammar import GrammarBackend, GrammarState
+
+
+def eos_token_ids(config: Any, tokenizer: Any, generation_eos: Any = None) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (
+        getattr(config, "eos_token_id", None),
+        generation_eos,
+        getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None,
+    ):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)
+
+
+class RequestBuilder:
+    def __init__(
+        self, tokenizer: Any, args, config: Any, context_len: int, pool_size: int, stop_ids: frozenset[int]
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.args = args
+        self.vocab_size = int(config.vocab_size)
+        self.context_len = context_len
+        self.max_req_len = min(context_len - 1, pool_size - 1)
+        self.max_req_input_len = self.max_req_len - 5
+        self.stop_ids = stop_ids
+        self.rng = random.Random(args.random_seed)
+        self.grammar = GrammarBackend(tokenizer, self.vocab_size, stop_ids)  # compiles on first use
+
+    # ---------------------------------------------------------------- requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if self.tokenizer is None:
+            raise RequestError(
+                "The engine initialized with skip_tokenizer_init=True cannot accept text prompts. "
+                "Please provide input_ids or re-initialize the engine with skip_tokenizer_init=False."
+            )
+        return self.tokenizer.encode(prompt)
+
+    def make_reqs(self, obj: GenerateInput) -> list[list[Req]]:
+        """Validate and build requests: one list per prompt, holding its n samples."""
+        prompts, single = obj.prompts()
+        bs = len(prompts)
+        if obj.rid is not None and not single and not isinstance(obj.rid, list):
+            raise RequestError("rid must be a list of strings for a batch request.")
+        groups = []
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenize(prompt)
+            sp_dict = (
+                obj.per_item("sampling_params", i, bs)
+                if isinstance(obj.sampling_params, list)
+                else obj.sampling_params
+            )
+            sp = self.sampling_params(sp_dict)
+            self.check_input(ids, sp)
+            compiled = self.grammar.compile(sp)  # 400 with the library's reason if invalid
+            processor = self._custom_processor(obj.per_item("custom_logit_processor", i, bs))
+            n = sp.n
+            rid = obj.per_item("rid", i, bs) if obj.rid is not None else None
+            reqs = []
+            for j in range(n):
+                sp_j = sp if n == 1 else _copy_sampling(sp, j)
+                req = self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex)
+                req.grammar = GrammarState(compiled) if compiled is not None else None
+                req.custom_logit_processor = processor
+                reqs.append(req)
+            groups.append(reqs)
+        return groups
+
+    def sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:
+        if d is not None and not isinstance(d, dict):
+            raise RequestError("sampling_params must be an object.")
+        try:
+            sp = SamplingParams.from_dict(d)
+            sp.verify()
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        return sp.normalize()
+
+    def _custom_processor(self, serialized: str | None) -> tuple[str, Any] | None:
+        if serialized is None:
+            return None
+        if not self.args.enable_custom_logit_processor:
+            raise RequestError(DISABLED_MESSAGE)
+        if not isinstance(serialized, str):
+            raise RequestError("custom_logit_processor must be a string (CustomLogitProcessor.to_str()).")
+        return serialized, load_processor(serialized)
+
+    def check_input(self, ids: list[int], sp: SamplingParams) -> None:
+        n = len(ids)
+        if n == 0:
+            raise RequestError("The input is empty (no tokens).")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"Token id {bad} in input_ids is outside the vocabulary (size {self.vocab_size})."
+            )
+        if n >= self.context_len:
+            raise RequestError(
+                f"The input ({n} tokens) is longer than the model's context length ({self.context_len} tokens)."
+            )
+        if sp.max_new_tokens is not None and n + sp.max_new_tokens >= self.context_len:
+            raise RequestError(
+                f"Requested token count exceeds the model's maximum context length of {self.context_len} tokens. "
+                f"You requested a total of {n + sp.max_new_tokens} tokens: {n} tokens from the input messages and "
+                f"{sp.max_new_tokens} tokens for the completion. Please reduce the number of tokens in the input "
+                "messages or the completion to fit within the limit."
+            )
+        if n > self.max_req_input_len:
+            raise RequestError(
+                f"Input length ({n} tokens) exceeds the maximum allowed length ({self.max_req_input_len} tokens). "
+                "Use a shorter input or enable --allow-auto-truncate."
+            )
+
+    def _make_req(
+        self, obj: GenerateInput, i: int, bs: int, ids: list[int], sp: SamplingParams, rid: str
+    ) -> Req:
+        n = len(ids)
+        room = self.max_req_len - n - 1
+        sp.max_new_tokens = room if sp.max_new_tokens is None else min(sp.max_new_tokens, room)
+        start = obj.per_item("logprob_start_len", i, bs)
+        start = n - 1 if start is None or start == -1 else int(start)
+        return_logprob = bool(obj.per_item("return_logprob", i, bs))
+        if return_logprob and start >= n:
+            raise RequestError(
+                f"logprob_start_len, ({start}) is higher than the number of input tokens ({n}). "
+                "Request with a lower logprob_start_len."
+            )
+        if start < 0:
+            raise RequestError(f"logprob_start_len must be -1 or at least 0, got {start}.")
+        top = obj.per_item("top_logprobs_num", i, bs) or 0
+        given = obj.per_item("token_ids_logprob", i, bs) or None
+        if given is not None and any(not 0 <= t < self.vocab_size for t in given):
+            raise RequestError("token_ids_logprob has a token id outside the vocabulary.")
+        seed = sp.sampling_seed if sp.sampling_seed is not None else self.rng.randrange(1 << 62)
+        gen = torch.Generator().manual_seed(int(seed))
+        return Req(
+            rid=rid,
+            input_ids=list(ids),
+            sampling=sp,
+            return_logprob=return_logprob,
+            logprob_start_len=start,
+            top_logprobs_num=int(top),
+            token_ids_logprob=list(given) if given else None,
+            return_hidden_states=bool(obj.return_hidden_states),
+            stream=bool(obj.stream),
+            stop_ids=self.stop_ids,
+            logit_processor=obj.logit_processor,
+            generator=gen,
+        )
+
+
+def _copy_sampling(sp: SamplingParams, j: int) -> SamplingParams:
+    import dataclasses
+
+    out = dataclasses.replace(sp, stop=list(sp.stop or []), stop_token_ids=list(sp.stop_token_ids or []))
+    if sp.sampling_seed is not None:
+        out.sampling_seed = sp.sampling_seed + j
+    return out

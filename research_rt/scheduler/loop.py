@@ -1,0 +1,89 @@
+"""What both schedulers share: the inbox of typed messages and the loop on the scheduler thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from research_rt.core.messages import AbortReq, AddReq, CallInScheduler, FlushCache, SchedulerMessage
+from research_rt.core.req import Req
+
+logger = logging.getLogger("research_rt.scheduler")
+
+INTERNAL_ERROR = "Internal error in the scheduler; see the server log."
+
+
+class SchedulerLoop:
+    """Base of `Scheduler` and `EncoderScheduler`. Subclasses implement `step() -> bool` (whether it
+    did any work), `add_request`, `abort`, `flush_cache` and `fail_all`."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue[SchedulerMessage] = queue.Queue()
+        self.step_hooks: list[Callable[[Any], None]] = []  # called after every step (tests, studies)
+
+    def step(self) -> bool:
+        raise NotImplementedError
+
+    def add_request(self, req: Req) -> None:
+        raise NotImplementedError
+
+    def abort(self, rid: str | None) -> None:
+        """Abort one request (None: all); each ends with finish reason `abort`."""
+        raise NotImplementedError
+
+    def flush_cache(self) -> bool:
+        raise NotImplementedError
+
+    def fail_all(self, message: str) -> None:
+        """End every request with an internal error (after a step raised) and reset the caches."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- messages
+    def drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            self.handle(msg)
+
+    def handle(self, msg: SchedulerMessage) -> None:
+        if isinstance(msg, AddReq):
+            self.add_request(msg.req)
+        elif isinstance(msg, AbortReq):
+            self.abort(msg.rid)
+        elif isinstance(msg, FlushCache):
+            msg.reply.set_result(self.flush_cache())
+        elif isinstance(msg, CallInScheduler):
+            try:
+                msg.reply.set_result(msg.fn())
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                msg.reply.set_exception(e)
+        else:
+            raise TypeError(f"unknown scheduler message {msg!r}")
+
+    def run_step_hooks(self) -> None:
+        for hook in self.step_hooks:
+            hook(self)
+
+    # ---------------------------------------------------------------- the loop
+    @torch.inference_mode()
+    def run_forever(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:  # never let the loop die silently: fail every request
+                logger.exception("Scheduler step failed")
+                self.fail_all(INTERNAL_ERROR)
+                worked = False
+            if not worked:
+                try:
+                    msg = self.inbox.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                self.handle(msg)

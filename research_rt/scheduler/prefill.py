@@ -1,0 +1,135 @@
+"""The prefill adder: which waiting requests (or chunks of them) the next prefill step computes.
+
+Budgets for one step:
+- tokens to compute: `chunked_prefill_size` (a request larger than what is left is cut, and the
+  rest carried to the next step as the single "chunked" request) and `max_prefill_tokens`;
+- KV room: free + evictable slots, minus what running requests are still expected to need for
+  decoding (remaining max_new_tokens x `new_token_ratio`, which decays while nothing is retracted);
+- `max_running_requests` and free rows of the request table.
+Admitting a request matches its longest cached prefix and locks it (cache.py).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from research_rt.cache.prefix_cache import PrefixCache
+from research_rt.core.req import Req
+from research_rt.scheduler.cache import CacheManager
+from research_rt.scheduler.stats import StepCounters
+
+DECODE_CLIP = 4096  # cap on the decode room reserved per request
+
+
+@dataclass
+class PrefillItem:
+    req: Req
+    start: int  # first token of fill_ids computed in this step (== cached prefix length)
+    length: int  # tokens computed in this step
+    is_last_chunk: bool
+
+
+def order_waiting(waiting: list[Req], policy: str, tree: PrefixCache) -> list[Req]:
+    if policy == "lpm" and len(waiting) > 1:
+        lens = {id(r): len(tree.match_prefix(r.fill_ids[:-1])[0]) for r in waiting}
+        return sorted(waiting, key=lambda r: -lens[id(r)])
+    if policy == "random":
+        out = list(waiting)
+        random.shuffle(out)
+        return out
+    return list(waiting)
+
+
+def decode_reserve(running: list[Req], ratio: float) -> int:
+    return int(sum(min(r.max_new_tokens - len(r.output_ids), DECODE_CLIP) * ratio for r in running))
+
+
+def max_prefix_len(req: Req) -> int:
+    """How much of fill_ids may come from the cache: all but one token, and, when input logprobs
+    are wanted, nothing past logprob_start_len (those positions must be computed)."""
+    n = req.seq_len - 1
+    if req.return_logprob and not req.is_retracted:
+        n = min(n, max(req.logprob_start_len, 0))
+    return max(n, 0)
+
+
+class PrefillAdder:
+    def __init__(self, cache: CacheManager, args, max_running: int, counters: StepCounters) -> None:
+        self.cache = cache
+        self.policy = args.schedule_policy
+        self.max_prefill_tokens = args.max_prefill_tokens
+        size = args.chunked_prefill_size
+        self.chunk_size = size if size and size > 0 else 1 << 30
+        self.max_running = max_running
+        self.counters = counters
+
+    def schedule(
+        self, waiting: list[Req], running: list[Req], chunked: Req | None, new_token_ratio: float
+    ) -> tuple[list[PrefillItem], Req | None]:
+        """(the step's items, the request left chunked after it). Admitted requests leave `waiting`."""
+        items: list[PrefillItem] = []
+        rem_chunk = min(self.chunk_size, self.max_prefill_tokens)
+        if chunked is not None:
+            length = min(chunked.seq_len - chunked.kv_len, rem_chunk)
+            if not self.cache.alloc_for(chunked, length):
+                # running decodes hold the pool; they finish or retract, then this resumes
+                return items, chunked
+            items.append(
+                PrefillItem(chunked, chunked.kv_len, length, chunked.kv_len + length == chunked.seq_len)
+            )
+            rem_chunk -= length
+            if not items[-1].is_last_chunk:
+                return items, chunked
+        if not waiting or rem_chunk <= 0:
+            return items, None
+        room = self.cache.room() - decode_reserve(running, new_token_ratio)
+        for req in order_waiting(waiting, self.policy, self.cache.tree):
+            if len(running) + len(items) >= self.max_running or self.cache.req_to_token.available_size() == 0:
+                break
+            if rem_chunk <= 0:
+                break
+            prefix, node = self.cache.tree.match_prefix(req.fill_ids[: max_prefix_len(req)])
+            extend = req.seq_len - len(prefix)
+            need = extend + min(req.max_new_tokens - len(req.output_ids), DECODE_CLIP) * new_token_ratio
+            if need > room and (running or items):
+                break
+            length = min(extend, rem_chunk)
+            self.cache.admit(req, prefix, node)
+            # the lock moved slots from evictable to protected: they no longer count as room
+            room -= len(prefix)
+            if not req.is_retracted:
+                req.cached_tokens = len(prefix)
+                self.counters.num_cached_tokens += len(prefix)
+            if not self.cache.alloc_for(req, length):
+                self.cache.cache_req(req, finished=True)
+                break
+            waiting.remove(req)
+            room -= need
+            rem_chunk -= length
+            items.append(PrefillItem(req, len(prefix), length, length == extend))
+            if length < extend:
+                return items, req
+        return items, None
+
+
+def logit_rows(items: list[PrefillItem]) -> tuple[list[int], list[tuple[int, list[int], int | None]]]:
+    """Rows of the flat prefill tokens whose logits are needed: input-logprob positions, and the
+    last token of a finished prefill. Returns (rows, per item: (first row, logprob positions, sample position))."""
+    rows: list[int] = []
+    plan = []
+    offset = 0
+    for it in items:
+        req = it.req
+        lp_rows: list[int] = []
+        if req.return_logprob and not req.is_retracted:
+            lo = max(req.logprob_start_len, it.start)
+            hi = min(it.start + it.length, len(req.input_ids) - 1)
+            lp_rows = list(range(lo, hi))
+        sample_row = it.start + it.length - 1 if it.is_last_chunk else None
+        plan.append((len(rows), lp_rows, sample_row))
+        rows.extend(offset + p - it.start for p in lp_rows)
+        if sample_row is not None:
+            rows.append(offset + sample_row - it.start)
+        offset += it.length
+    return rows, plan
