@@ -37,6 +37,7 @@ class ServerArgs:
     skip_tokenizer_init: bool = False
     served_model_name: str | None = None
     device: str = "auto"
+    weight_version: str = "default"  # reported in meta_info; /update_weight_version changes it
 
     # HTTP
     host: str = "127.0.0.1"
@@ -58,6 +59,13 @@ class ServerArgs:
     max_running_requests: int | None = None
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0
+    # Per-request `priority` (scheduler/priority.py): higher values run first (lower ones with
+    # schedule_low_priority_values_first); a waiting request may preempt running ones whose
+    # priority is worse by more than the threshold.
+    enable_priority_scheduling: bool = False
+    schedule_low_priority_values_first: bool = False
+    priority_scheduling_preemption_threshold: int = 10
+    abort_on_priority_when_disabled: bool = False  # 400 for a `priority` sent while disabled
     disable_radix_cache: bool = False
     enable_mixed_chunk: bool = False  # running decodes join each prefill chunk's forward
     page_size: int = 1
@@ -103,6 +111,8 @@ class ServerArgs:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.priority_scheduling_preemption_threshold < 0:
+            raise ValueError("priority_scheduling_preemption_threshold must be at least 0")
         if self.page_size != 1:
             raise ValueError("only page_size 1 is supported")
         WeightOnlyConfig.parse(self.torchao_config)  # raises on an unknown spelling

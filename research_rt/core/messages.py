@@ -1,7 +1,8 @@
 """Typed messages between the caller threads (the front) and the scheduler thread.
 
 Front -> scheduler, through the scheduler's inbox: `AddReq`, `AbortReq`, `FlushCache`,
-`CallInScheduler` (the last two answer through a `concurrent.futures.Future`).
+`CallInScheduler`, `PauseGeneration`, `ContinueGeneration` (all but the first two answer through
+a `concurrent.futures.Future`).
 Scheduler -> front: `ReqOutput`, an immutable snapshot of one request after a step. Responses are
 built from snapshots only; the live `Req` never leaves the scheduler thread.
 """
@@ -38,7 +39,26 @@ class CallInScheduler:
     reply: Future = field(default_factory=Future)  # fn's result, or its exception
 
 
-SchedulerMessage = AddReq | AbortReq | FlushCache | CallInScheduler
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+@dataclass(frozen=True)
+class PauseGeneration:
+    """Stop running forwards until `ContinueGeneration` (requests that arrive meanwhile wait).
+    abort: end every queued and running request first; retract: move the running ones back to
+    the queue, freeing their KV slots (what they computed stays in the prefix cache); in_place:
+    keep them, KV and all, and resume them exactly where they were."""
+
+    mode: str = "abort"
+    reply: Future = field(default_factory=Future)  # None once the mode's effect is applied
+
+
+@dataclass(frozen=True)
+class ContinueGeneration:
+    reply: Future = field(default_factory=Future)  # whether generation was paused
+
+
+SchedulerMessage = AddReq | AbortReq | FlushCache | CallInScheduler | PauseGeneration | ContinueGeneration
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ class Req:
     return_embedding: bool = False  # embedding / score request: pooled at the end of prefill
     embedding: list[float] | None = None
     stream: bool = False  # report after every step (else: after the first token, and when finished)
+    priority: int | None = None  # with --enable-priority-scheduling (scheduler/priority.py); None: 0
 
     output_ids: list[int] = field(default_factory=list)
     finished_reason: FinishReason | None = None

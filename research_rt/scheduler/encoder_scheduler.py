@@ -31,7 +31,7 @@ class EncoderScheduler(SchedulerLoop):
 
     def step(self) -> bool:
         self.drain_inbox()
-        if not self.waiting:
+        if not self.waiting or self.paused:
             return False
         # take requests in order while the padded batch fits the token budget
         batch: list[Req] = []
@@ -77,6 +77,12 @@ class EncoderScheduler(SchedulerLoop):
 
     def flush_cache(self) -> bool:
         return self.is_idle()  # nothing is cached; "flushed" when nothing is pending, as for decoders
+
+    def retract_running(self) -> None:
+        pass  # between steps nothing runs: requests are queued or done
+
+    def reap_aborted(self) -> None:
+        pass  # `abort` ends queued requests at once
 
     def fail_all(self, message: str) -> None:
         self._finish(self.waiting, abort_reason(message, 500, "InternalServerError"))

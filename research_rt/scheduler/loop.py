@@ -10,7 +10,15 @@ from typing import Any
 
 import torch
 
-from research_rt.core.messages import AbortReq, AddReq, CallInScheduler, FlushCache, SchedulerMessage
+from research_rt.core.messages import (
+    AbortReq,
+    AddReq,
+    CallInScheduler,
+    ContinueGeneration,
+    FlushCache,
+    PauseGeneration,
+    SchedulerMessage,
+)
 from research_rt.core.req import Req
 
 logger = logging.getLogger("research_rt.scheduler")
@@ -20,11 +28,13 @@ INTERNAL_ERROR = "Internal error in the scheduler; see the server log."
 
 class SchedulerLoop:
     """Base of `Scheduler` and `EncoderScheduler`. Subclasses implement `step() -> bool` (whether it
-    did any work), `add_request`, `abort`, `flush_cache` and `fail_all`."""
+    did any work; nothing while `paused`), `add_request`, `abort`, `flush_cache` and `fail_all`,
+    and for pausing `retract_running` and `reap_aborted`."""
 
     def __init__(self) -> None:
         self.inbox: queue.Queue[SchedulerMessage] = queue.Queue()
         self.step_hooks: list[Callable[[Any], None]] = []  # called after every step (tests, studies)
+        self.paused: str | None = None  # the PauseGeneration mode while paused
 
     def step(self) -> bool:
         raise NotImplementedError
@@ -43,6 +53,31 @@ class SchedulerLoop:
         """End every request with an internal error (after a step raised) and reset the caches."""
         raise NotImplementedError
 
+    def retract_running(self) -> None:
+        """Move every running (and chunked) request back to the queue, freeing its KV slots."""
+        raise NotImplementedError
+
+    def reap_aborted(self) -> None:
+        """End at once the running requests marked for abort (between steps their KV is consistent)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- pause
+    def pause(self, mode: str) -> None:
+        """PauseGeneration (core/messages.py has the modes); pausing again applies the new mode."""
+        if mode == "abort":
+            self.abort(None)
+            self.reap_aborted()
+        elif mode == "retract":
+            self.retract_running()
+        logger.info("Generation paused (mode=%s).", mode)
+        self.paused = mode
+
+    def resume(self) -> bool:
+        was, self.paused = self.paused, None
+        if was:
+            logger.info("Generation continued.")
+        return was is not None
+
     # ---------------------------------------------------------------- messages
     def drain_inbox(self) -> None:
         while True:
@@ -59,6 +94,10 @@ class SchedulerLoop:
             self.abort(msg.rid)
         elif isinstance(msg, FlushCache):
             msg.reply.set_result(self.flush_cache())
+        elif isinstance(msg, PauseGeneration):
+            msg.reply.set_result(self.pause(msg.mode))
+        elif isinstance(msg, ContinueGeneration):
+            msg.reply.set_result(self.resume())
         elif isinstance(msg, CallInScheduler):
             try:
                 msg.reply.set_result(msg.fn())

@@ -18,7 +18,7 @@ import torch
 
 from research_rt.core.messages import ReqOutput
 from research_rt.core.req import FinishReason, Req, abort_reason
-from research_rt.sampling.logprobs import record_output_logprobs
+from research_rt.sampling.logprobs import record_input_logprobs, record_output_logprobs
 from research_rt.sampling.sampler import SampleResult
 from research_rt.scheduler.detokenizer import IncrementalDetokenizer, find_stop_string
 
@@ -97,6 +97,15 @@ class OutputProcessor:
             outs.append(ReqOutput.of(req, text))
         if outs:
             self.on_output(outs)
+
+
+def record_prefill(req: Req, logits: torch.Tensor, lp_rows: list[int], hidden: torch.Tensor | None) -> None:
+    """After a prefill chunk: its input logprobs (`logits` rows at prompt positions `lp_rows`)
+    and its hidden states, when the request asked for them."""
+    if lp_rows or (req.return_logprob and not req.is_retracted and not req.input_token_logprobs):
+        record_input_logprobs(req, logits, lp_rows)
+    if hidden is not None:
+        req.hidden_states.append(hidden.float().tolist())
 
 
 def final_text(req: Req, detok: IncrementalDetokenizer) -> str:

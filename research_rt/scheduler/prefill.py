@@ -6,7 +6,9 @@ Budgets for one step:
 - KV room: free + evictable slots, minus what running requests are still expected to need for
   decoding (remaining max_new_tokens x `new_token_ratio`, which decays while nothing is retracted);
 - `max_running_requests` and free rows of the request table.
-Admitting a request matches its longest cached prefix and locks it (cache.py).
+Admitting a request matches its longest cached prefix and locks it (cache.py). With
+`--enable-priority-scheduling` the queue is taken most urgent first, and a request that does not
+fit may preempt less urgent running ones (priority.py has the rule).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from research_rt.cache.prefix_cache import PrefixCache
 from research_rt.core.req import Req
 from research_rt.scheduler.cache import CacheManager
+from research_rt.scheduler.priority import Preemptor, PriorityPolicy
 from research_rt.scheduler.stats import StepCounters
 
 DECODE_CLIP = 4096  # cap on the decode room reserved per request
@@ -30,19 +33,29 @@ class PrefillItem:
     is_last_chunk: bool
 
 
-def order_waiting(waiting: list[Req], policy: str, tree: PrefixCache) -> list[Req]:
+def order_waiting(
+    waiting: list[Req], policy: str, tree: PrefixCache, priority: PriorityPolicy | None = None
+) -> list[Req]:
+    """The order the adder considers waiting requests in: `--schedule-policy`, then (when enabled)
+    by priority, most urgent first (a stable sort: the policy orders equal priorities)."""
     if policy == "lpm" and len(waiting) > 1:
         lens = {id(r): len(tree.match_prefix(r.fill_ids[:-1])[0]) for r in waiting}
-        return sorted(waiting, key=lambda r: -lens[id(r)])
-    if policy == "random":
+        out = sorted(waiting, key=lambda r: -lens[id(r)])
+    elif policy == "random":
         out = list(waiting)
         random.shuffle(out)
-        return out
-    return list(waiting)
+    else:
+        out = list(waiting)
+    return priority.order(out) if priority is not None else out
+
+
+def reserve_of(req: Req, ratio: float) -> float:
+    """The decode room set aside for a running request: its expected remaining tokens."""
+    return min(req.max_new_tokens - len(req.output_ids), DECODE_CLIP) * ratio
 
 
 def decode_reserve(running: list[Req], ratio: float) -> int:
-    return int(sum(min(r.max_new_tokens - len(r.output_ids), DECODE_CLIP) * ratio for r in running))
+    return int(sum(reserve_of(r, ratio) for r in running))
 
 
 def max_prefix_len(req: Req) -> int:
@@ -55,9 +68,18 @@ def max_prefix_len(req: Req) -> int:
 
 
 class PrefillAdder:
-    def __init__(self, cache: CacheManager, args, max_running: int, counters: StepCounters) -> None:
+    def __init__(
+        self,
+        cache: CacheManager,
+        args,
+        max_running: int,
+        counters: StepCounters,
+        preemptor: Preemptor | None = None,
+    ) -> None:
         self.cache = cache
         self.policy = args.schedule_policy
+        self.preemptor = preemptor  # None: no priority scheduling
+        self.priority = preemptor.policy if preemptor is not None else None
         self.max_prefill_tokens = args.max_prefill_tokens
         size = args.chunked_prefill_size
         self.chunk_size = size if size and size > 0 else 1 << 30
@@ -84,16 +106,31 @@ class PrefillAdder:
         if not waiting or rem_chunk <= 0:
             return items, None
         room = self.cache.room() - decode_reserve(running, new_token_ratio)
-        for req in order_waiting(waiting, self.policy, self.cache.tree):
-            if len(running) + len(items) >= self.max_running or self.cache.req_to_token.available_size() == 0:
-                break
+        for req in order_waiting(waiting, self.policy, self.cache.tree, self.priority):
             if rem_chunk <= 0:
                 break
             prefix, node = self.cache.tree.match_prefix(req.fill_ids[: max_prefix_len(req)])
             extend = req.seq_len - len(prefix)
-            need = extend + min(req.max_new_tokens - len(req.output_ids), DECODE_CLIP) * new_token_ratio
-            if need > room and (running or items):
-                break
+            need = extend + reserve_of(req, new_token_ratio)
+
+            def fits(room: float, need: float = need) -> bool:
+                rows = (
+                    len(running) + len(items) < self.max_running and self.cache.req_to_token.available_size()
+                )
+                return bool(rows) and (room >= need or not (running or items))
+
+            if not fits(room):
+                if self.preemptor is None:
+                    break
+                freed = self.preemptor.make_room(
+                    req, need, room, fits, running, waiting, lambda r: reserve_of(r, new_token_ratio)
+                )
+                if freed is None:
+                    break
+                room = freed
+                # retracting inserted the victims' tokens into the cache (nodes may have split): match again
+                prefix, node = self.cache.tree.match_prefix(req.fill_ids[: max_prefix_len(req)])
+                extend = req.seq_len - len(prefix)
             length = min(extend, rem_chunk)
             self.cache.admit(req, prefix, node)
             # the lock moved slots from evictable to protected: they no longer count as room

@@ -21,19 +21,20 @@ from research_rt.core.forward_batch import ForwardMode
 from research_rt.core.messages import ReqOutput
 from research_rt.core.req import FinishReason, Req, abort_reason
 from research_rt.executor.model_runner import ModelRunner, StepInput
-from research_rt.sampling.logprobs import record_input_logprobs
 from research_rt.sampling.sampler import Sampler
 from research_rt.scheduler.cache import CacheManager
 from research_rt.scheduler.decode import DecodeRoom
 from research_rt.scheduler.loop import SchedulerLoop
-from research_rt.scheduler.output import OutputProcessor
+from research_rt.scheduler.output import OutputProcessor, record_prefill
+from research_rt.scheduler.pause import PauseMixin
 from research_rt.scheduler.prefill import PrefillAdder, PrefillItem, logit_rows
-from research_rt.scheduler.stats import SchedulerStats, StepCounters, hit_rate, log_decode, log_prefill
+from research_rt.scheduler.priority import PriorityPolicy
+from research_rt.scheduler.stats import SchedulerStats, StepCounters, log_decode, log_prefill, snapshot
 
 logger = logging.getLogger("research_rt.scheduler")
 
 
-class Scheduler(SchedulerLoop):
+class Scheduler(PauseMixin, SchedulerLoop):
     def __init__(
         self, runner: ModelRunner, tokenizer: Any, args, on_output: Callable[[list[ReqOutput]], None]
     ) -> None:
@@ -44,8 +45,12 @@ class Scheduler(SchedulerLoop):
         self.cache = CacheManager(runner.kv_pool, runner.req_to_token, tree)
         self.max_running = runner.max_running_requests
         self.counters = StepCounters()
-        self.adder = PrefillAdder(self.cache, args, self.max_running, self.counters)
-        self.decode_room = DecodeRoom(self.cache, args.schedule_conservativeness, self.counters)
+        priority = PriorityPolicy(args)
+        self.decode_room = DecodeRoom(
+            self.cache, args.schedule_conservativeness, self.counters, priority.retraction_key
+        )
+        preemptor = priority.preemptor(self.cache, self.decode_room)
+        self.adder = PrefillAdder(self.cache, args, self.max_running, self.counters, preemptor)
         self.output = OutputProcessor(tokenizer, on_output)
         self.sampler = Sampler()
         self.waiting: list[Req] = []
@@ -54,6 +59,9 @@ class Scheduler(SchedulerLoop):
 
     def step(self) -> bool:
         self.drain_inbox()
+        if self.paused:  # pause.py: no forward; aborts still end now
+            self.reap_aborted()
+            return False
         prefill = self._schedule_prefill()
         if prefill:
             mix = self.args.enable_mixed_chunk and self.running and self.decode_room.can_fit(self.running)
@@ -83,7 +91,8 @@ class Scheduler(SchedulerLoop):
                 req.to_abort = reason  # at the next step, when its KV is consistent
 
     def flush_cache(self) -> bool:
-        if not self.is_idle():
+        """Refused while requests are queued or running; while paused, only while any holds KV."""
+        if self.holds_kv() or (self.waiting and not self.paused):
             logger.warning(
                 "Cache not flushed because there are pending requests. #queue-req: %d, #running-req: %d",
                 len(self.waiting),
@@ -146,7 +155,7 @@ class Scheduler(SchedulerLoop):
             n_rows = len(lp_rows) + (sample_row is not None)
             self.output.guarded(
                 req,
-                lambda r=req, f=first, p=lp_rows, n=n_rows: self._record_prefill(
+                lambda r=req, f=first, p=lp_rows, n=n_rows: record_prefill(
                     r, logits[f : f + len(p)], p, hidden[f : f + n] if r.return_hidden_states else None
                 ),
             )
@@ -168,15 +177,6 @@ class Scheduler(SchedulerLoop):
             self._after_decode(decoding)
             self.running.extend(r for r in to_sample if not r.finished)
         self.run_step_hooks()
-
-    @staticmethod
-    def _record_prefill(
-        req: Req, logits: torch.Tensor, lp_rows: list[int], hidden: torch.Tensor | None
-    ) -> None:
-        if lp_rows or (req.return_logprob and not req.is_retracted and not req.input_token_logprobs):
-            record_input_logprobs(req, logits, lp_rows)
-        if hidden is not None:
-            req.hidden_states.append(hidden.float().tolist())
 
     # ================================================================ decode
     def _run_decode(self) -> None:
@@ -246,15 +246,5 @@ class Scheduler(SchedulerLoop):
         """The one snapshot of load and KV figures; `check_pool` runs the integrity check when
         idle (call it on the scheduler thread, as `Engine.stats` does)."""
         whole = self.cache.pool_whole() if check_pool and self.is_idle() else None
-        pool, tree = self.cache.kv_pool, self.cache.tree
-        return SchedulerStats(
-            num_running_reqs=len(self.running) + (self.chunked is not None),
-            num_queue_reqs=len(self.waiting),
-            num_used_tokens=self.cache.num_used_tokens(),
-            num_free_tokens=pool.available_size(),
-            num_cached_tokens=tree.evictable_size + tree.protected_size,
-            max_total_num_tokens=pool.size,
-            cache_hit_rate=hit_rate(self.counters),
-            last_gen_throughput=self.counters.last_gen_throughput,
-            kv_pool_whole=whole,
-        )
+        busy = len(self.running) + (self.chunked is not None)
+        return snapshot(self.cache, busy, len(self.waiting), self.counters, whole)

@@ -58,6 +58,24 @@ class SchedulerStats:
         return {**asdict(self), "token_usage": self.token_usage}
 
 
+def snapshot(
+    cache: Any, num_running: int, num_queue: int, counters: StepCounters, whole: bool | None
+) -> SchedulerStats:
+    """A decoder scheduler's figures from its CacheManager (`cache`) and counters."""
+    pool, tree = cache.kv_pool, cache.tree
+    return SchedulerStats(
+        num_running_reqs=num_running,
+        num_queue_reqs=num_queue,
+        num_used_tokens=cache.num_used_tokens(),
+        num_free_tokens=pool.available_size(),
+        num_cached_tokens=tree.evictable_size + tree.protected_size,
+        max_total_num_tokens=pool.size,
+        cache_hit_rate=hit_rate(counters),
+        last_gen_throughput=counters.last_gen_throughput,
+        kv_pool_whole=whole,
+    )
+
+
 def hit_rate(counters: StepCounters) -> float:
     seen = counters.num_prefill_tokens + counters.num_cached_tokens
     return counters.num_cached_tokens / seen if seen else 0.0
