@@ -17,7 +17,8 @@ from research_rt.frontend.response import embedding_response
 
 
 class EncodeMixin:
-    """Needs the Engine's `is_embedding`, `runner`, `builder`, `_submit` and `_abort_remaining`."""
+    """Needs the Engine's `is_embedding`, `runner`, `builder`, `weight_version`, `_submit` and
+    `_abort_remaining`."""
 
     def _start_encode(
         self, obj: EmbeddingInput, loop: asyncio.AbstractEventLoop | None
@@ -42,7 +43,7 @@ class EncodeMixin:
             EmbeddingInput(text=prompt, input_ids=input_ids, rid=rid), None
         )
         done = dict(collector)
-        results = [embedding_response(done[i]) for i in range(len(done))]
+        results = [embedding_response(done[i], self.weight_version) for i in range(len(done))]
         return results[0] if single else results
 
     async def async_encode(self, obj: EmbeddingInput) -> tuple[list[dict[str, Any]], bool]:
@@ -59,4 +60,4 @@ class EncodeMixin:
         err = next((o.error for o in outs if o.error is not None), None)
         if err is not None:
             raise RequestError(*err)
-        return [embedding_response(o) for o in outs], single
+        return [embedding_response(o, self.weight_version) for o in outs], single

@@ -7,7 +7,9 @@
 The scheduler runs on a background thread; `generate` submits requests and waits for their
 outputs (or yields cumulative chunks with `stream=True`). `async_generate` and `async_encode` are
 the asyncio flavours the server uses; `abort_request`, `flush_cache`, `update_weights_from_disk`,
-the expert-distribution recorder, profiling and `stats` complete what the server needs.
+the expert-distribution recorder, profiling and `stats` complete what the server needs. The mixins
+add `tokenize` / `detokenize` (tokenize.py), `score` (score.py) and the RL refit API: pause and
+continue, updates from tensors, `weight_version`, the weights checker (refit.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from research_rt.engine.collector import GenerateEvent, OutputCollector
 from research_rt.engine.encode import EncodeMixin
 from research_rt.engine.instruments import InstrumentsMixin
 from research_rt.engine.profiler import SchedulerProfiler
+from research_rt.engine.refit import RefitMixin
+from research_rt.engine.score import ScoreMixin
+from research_rt.engine.tokenize import TokenizeMixin
 from research_rt.engine.weights import update_weights_on_scheduler
 from research_rt.executor.encoder_runner import EncoderRunner
 from research_rt.executor.model_runner import ModelRunner
@@ -47,12 +52,13 @@ from research_rt.server_args import ServerArgs
 logger = logging.getLogger("research_rt.engine")
 
 
-class Engine(EncodeMixin, InstrumentsMixin):
+class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixin):
     def __init__(self, model_path: str | None = None, **kwargs: Any) -> None:
         args = kwargs.pop("server_args", None) or ServerArgs(model_path=model_path, **kwargs)
         args = args.resolved()
         args.warn_ignored_flags()
         self.server_args = args
+        self.weight_version = args.weight_version  # in every response's meta_info (refit.py)
         self.source = resolve_model_path(args.model_path)
         self.model_path = args.model_path or self.source.path
         self.config = load_config(self.source)
@@ -195,7 +201,9 @@ class Engine(EncodeMixin, InstrumentsMixin):
         def events() -> Iterator[dict[str, Any]]:
             try:
                 for index, out in collector:
-                    resp = generate_response(out, self.tokenizer, obj.return_text_in_logprobs)
+                    resp = generate_response(
+                        out, self.tokenizer, obj.return_text_in_logprobs, weight_version=self.weight_version
+                    )
                     if not single:
                         resp["index"] = index
                     yield resp
@@ -219,7 +227,9 @@ class Engine(EncodeMixin, InstrumentsMixin):
             async for index, out in collector:
                 ids_from = sent.get(index, 0) if stream_incremental_ids else 0
                 sent[index] = out.completion_tokens
-                resp = generate_response(out, self.tokenizer, obj.return_text_in_logprobs, ids_from)
+                resp = generate_response(
+                    out, self.tokenizer, obj.return_text_in_logprobs, ids_from, self.weight_version
+                )
                 yield GenerateEvent(index, resp, out.finished, out.error)
         finally:
             self._abort_remaining(collector)

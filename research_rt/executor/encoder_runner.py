@@ -57,3 +57,11 @@ class EncoderRunner:
 
         with torch.inference_mode():
             load_weights_into(self.model, source, load_format, progress=False)
+
+    def update_weights_from_tensors(
+        self, named: list[tuple[str, torch.Tensor]], direct: bool = False
+    ) -> None:
+        from research_rt.loader.model_loader import copy_named_tensors
+
+        with torch.inference_mode():
+            copy_named_tensors(self.model, named, direct)

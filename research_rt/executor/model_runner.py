@@ -200,6 +200,16 @@ class ModelRunner:
             load_weights_into(self.model, source, load_format, progress=False)
             self._quantize()
 
+    def update_weights_from_tensors(
+        self, named: list[tuple[str, torch.Tensor]], direct: bool = False
+    ) -> None:
+        """Copy named tensors into the existing parameters (loader's `copy_named_tensors`)."""
+        from research_rt.loader.model_loader import copy_named_tensors
+
+        with torch.inference_mode():
+            copy_named_tensors(self.model, named, direct)
+            self._quantize()
+
 
 def _make_expert_recorder(model: torch.nn.Module) -> ExpertDistributionRecorder | None:
     layer_ids = getattr(model, "moe_layer_ids", None)

@@ -28,6 +28,7 @@ class GenerateInput:
     return_hidden_states: bool = False
     log_metrics: bool = True
     custom_logit_processor: str | None = None
+    priority: int | list[int] | None = None  # with --enable-priority-scheduling (scheduler/priority.py)
     logit_processor: Any = None  # offline Engine only: a Python callable(logits_row, req)
     extra: dict[str, Any] = field(default_factory=dict)
     _parsed: tuple[list[Any], bool] | None = field(default=None, init=False, repr=False, compare=False)

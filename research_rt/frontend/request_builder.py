@@ -73,6 +73,7 @@ class RequestBuilder:
             self.check_input(ids, sp)
             compiled = self.grammar.compile(sp)  # 400 with the library's reason if invalid
             processor = self._custom_processor(obj.per_item("custom_logit_processor", i, bs))
+            priority = self._priority(obj.per_item("priority", i, bs))
             n = sp.n
             rid = obj.per_item("rid", i, bs) if obj.rid is not None else None
             reqs = []
@@ -81,6 +82,7 @@ class RequestBuilder:
                 req = self._make_req(obj, i, bs, ids, sp_j, rid if n == 1 and rid else uuid.uuid4().hex)
                 req.grammar = GrammarState(compiled) if compiled is not None else None
                 req.custom_logit_processor = processor
+                req.priority = priority
                 reqs.append(req)
             groups.append(reqs)
         return groups
@@ -103,6 +105,22 @@ class RequestBuilder:
         if not isinstance(serialized, str):
             raise RequestError("custom_logit_processor must be a string (CustomLogitProcessor.to_str()).")
         return serialized, load_processor(serialized)
+
+    def _priority(self, value: Any) -> int | None:
+        """A request's priority; ignored (None) unless --enable-priority-scheduling, or refused
+        with --abort-on-priority-when-disabled."""
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise RequestError(f"Field 'priority' must be an integer, got {value!r:.40}.")
+        if self.args.enable_priority_scheduling:
+            return value
+        if self.args.abort_on_priority_when_disabled:
+            raise RequestError(
+                "Field 'priority' was given but priority scheduling is disabled "
+                "(start the server with --enable-priority-scheduling)."
+            )
+        return None
 
     def check_input(self, ids: list[int], sp: SamplingParams) -> None:
         n = len(ids)

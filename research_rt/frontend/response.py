@@ -8,15 +8,22 @@ from research_rt.core.messages import ReqOutput
 
 
 def generate_response(
-    out: ReqOutput, tokenizer: Any, with_text_in_logprobs: bool = False, ids_from: int = 0
+    out: ReqOutput,
+    tokenizer: Any,
+    with_text_in_logprobs: bool = False,
+    ids_from: int = 0,
+    weight_version: str | None = None,
 ) -> dict[str, Any]:
     """The `/generate` response for a snapshot; `output_ids` holds its tokens [ids_from:] (a
-    streaming client with incremental output gets only the new ones)."""
+    streaming client with incremental output gets only the new ones). `weight_version` (the
+    engine's, when given) goes into meta_info."""
     meta: dict[str, Any] = {
         "id": out.rid,
         "finish_reason": out.finished_reason.to_json() if out.finished_reason else None,
         "prompt_tokens": out.prompt_tokens,
     }
+    if weight_version is not None:
+        meta["weight_version"] = weight_version
     lp = out.logprobs
     if lp is not None:
         decode = tokenizer.decode if (with_text_in_logprobs and tokenizer is not None) else None
@@ -50,14 +57,14 @@ def generate_response(
     return resp
 
 
-def embedding_response(out: ReqOutput) -> dict[str, Any]:
+def embedding_response(out: ReqOutput, weight_version: str | None = None) -> dict[str, Any]:
     """`{"embedding": [...], "meta_info": {...}}` (a score head's scores are its embedding)."""
-    return {
-        "embedding": out.embedding,
-        "meta_info": {
-            "id": out.rid,
-            "finish_reason": out.finished_reason.to_json() if out.finished_reason else None,
-            "prompt_tokens": out.prompt_tokens,
-            "e2e_latency": out.e2e_latency,
-        },
+    meta: dict[str, Any] = {
+        "id": out.rid,
+        "finish_reason": out.finished_reason.to_json() if out.finished_reason else None,
+        "prompt_tokens": out.prompt_tokens,
     }
+    if weight_version is not None:
+        meta["weight_version"] = weight_version
+    meta["e2e_latency"] = out.e2e_latency
+    return {"embedding": out.embedding, "meta_info": meta}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,28 @@ def load_weights_into(
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
+
+
+def copy_named_tensors(
+    model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]], direct: bool = False
+) -> None:
+    """Copy (name, tensor) pairs into `model`'s existing parameters (an update from tensors).
+    Checkpoint names by default, through `model.load_weights` (fused projections and all); with
+    `direct`, the model's own parameter names, all checked before anything is copied."""
+    named = list(named)
+    if not direct:
+        model.load_weights(iter(named))
+        return
+    params = dict(model.named_parameters())
+    for name, tensor in named:
+        if name not in params:
+            raise KeyError(f"{type(model).__name__} has no parameter named {name!r}")
+        if tuple(params[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"shape mismatch for {name}: given {tuple(tensor.shape)} vs {tuple(params[name].shape)}"
+            )
+    for name, tensor in named:
+        params[name].data.copy_(tensor)
 
 
 def load_model(

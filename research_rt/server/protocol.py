@@ -74,6 +74,7 @@ GENERATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "return_hidden_states": (lambda v: isinstance(v, bool), "a boolean"),
     "log_metrics": (lambda v: isinstance(v, bool), "a boolean"),
     "custom_logit_processor": (one_or_list(lambda v: isinstance(v, str)), "a string"),
+    "priority": (one_or_list(is_int), "an integer or a list of integers"),
 }
 UNSUPPORTED_FIELDS = ("image_data", "audio_data", "lora_path", "session_params", "input_embeds")
 

@@ -17,11 +17,13 @@ def test_response_shape_and_defaults(tiny_engine):
         "id",
         "finish_reason",
         "prompt_tokens",
+        "weight_version",
         "completion_tokens",
         "cached_tokens",
         "e2e_latency",
     ]
     assert meta["finish_reason"] == {"type": "length", "length": 5}
+    assert meta["weight_version"] == "default"  # --weight-version; /update_weight_version changes it
     assert meta["completion_tokens"] == len(out["output_ids"]) == 5
     assert meta["prompt_tokens"] == len(tiny_engine.tokenizer.encode("Hello there"))
     assert out["text"] == tiny_engine.tokenizer.decode(out["output_ids"], skip_special_tokens=True)

@@ -42,7 +42,8 @@ def test_decoder_embedding_server(servers, tiny_dir):
     assert len(body["embedding"]) == 64 and abs(sum(x * x for x in body["embedding"]) - 1) < 1e-4
     meta = body["meta_info"]
     assert meta["finish_reason"] == {"type": "length", "length": 0} and meta["prompt_tokens"] > 0
-    assert set(meta) == {"id", "finish_reason", "prompt_tokens", "e2e_latency"}
+    assert set(meta) == {"id", "finish_reason", "prompt_tokens", "weight_version", "e2e_latency"}
+    assert meta["weight_version"] == "default"
     batch = post(server, "/encode", {"text": ["Once upon a time", "Hello"], "rid": ["a", "b"]}).json()
     assert [b["meta_info"]["id"] for b in batch] == ["a", "b"]
     assert batch[0]["embedding"] == pytest.approx(body["embedding"], abs=1e-5)

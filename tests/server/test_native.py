@@ -55,6 +55,7 @@ def test_generate_single(server):
         "id",
         "finish_reason",
         "prompt_tokens",
+        "weight_version",
         "completion_tokens",
         "cached_tokens",
         "e2e_latency",
