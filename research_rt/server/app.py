@@ -30,7 +30,7 @@ CORS_HEADERS = {
 
 def create_app(state: ServerState, name: str | None = None) -> Sanic:
     """A Sanic app serving `state.engine`; run it with `single_process=True` (one engine thread)."""
-    from research_rt.server import metrics, native, openai, profiler
+    from research_rt.server import metrics, native, openai, profiler, research_api
 
     app = Sanic(name or f"research_rt_{uuid.uuid4().hex[:8]}", configure_logging=False)
     app.ctx.state = state
@@ -41,6 +41,7 @@ def create_app(state: ServerState, name: str | None = None) -> Sanic:
     native.register(app)
     openai.register(app)
     profiler.register(app)
+    research_api.register(app)  # tokenize, score, RL refit (SGLang 0.5's endpoints)
     if state.server_args.enable_metrics:
         metrics.register(app)
 

@@ -103,6 +103,7 @@ async def get_server_info(request: Request) -> HTTPResponse:
         version=research_rt.__version__,
         attention_backend=state.server_args.attention_backend or "torch_native",
         sampling_backend=state.server_args.sampling_backend or "pytorch",
+        weight_version=engine.weight_version,  # live: /update_weight_version changes it
     )
     info.update(await state.live_stats())
     return json(info)
