@@ -129,7 +129,8 @@ async def update_weights_from_tensor(request: Request) -> HTTPResponse:
     state = _state(request)
     try:
         body = parse_json(request.body)
-        named = decode_named_tensors(body.get("serialized_named_tensors"))
+        entries = body.get("serialized_named_tensors")
+        named = await _off_loop(lambda: decode_named_tensors(entries))  # big bodies: not on the loop
         load_format, version = body.get("load_format"), body.get("weight_version")
         if load_format is not None and not isinstance(load_format, str):
             raise RequestError("Field 'load_format' must be null or 'direct'.")
