@@ -106,18 +106,21 @@ class PrefillAdder:
         if not waiting or rem_chunk <= 0:
             return items, None
         room = self.cache.room() - decode_reserve(running, new_token_ratio)
+
+        def has_row() -> bool:
+            return (
+                len(running) + len(items) < self.max_running and self.cache.req_to_token.available_size() > 0
+            )
+
         for req in order_waiting(waiting, self.policy, self.cache.tree, self.priority):
-            if rem_chunk <= 0:
+            if rem_chunk <= 0 or (self.preemptor is None and not has_row()):
                 break
             prefix, node = self.cache.tree.match_prefix(req.fill_ids[: max_prefix_len(req)])
             extend = req.seq_len - len(prefix)
             need = extend + reserve_of(req, new_token_ratio)
 
             def fits(room: float, need: float = need) -> bool:
-                rows = (
-                    len(running) + len(items) < self.max_running and self.cache.req_to_token.available_size()
-                )
-                return bool(rows) and (room >= need or not (running or items))
+                return has_row() and (room >= need or not (running or items))
 
             if not fits(room):
                 if self.preemptor is None:
