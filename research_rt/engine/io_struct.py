@@ -5,6 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# ---------------------------------------------------------------- limits (README "Limits and errors")
+# What one request may ask for. Each is enforced with a 400 naming the field and the limit, before any
+# work that grows with it (tokenizing, building requests) runs on the server's event loop.
+MAX_BATCH_SIZE = 1024  # prompts in one request (a list of texts or of token-id lists)
+MAX_REQUESTS = 1024  # prompts x n: the requests one call may start
+MAX_TEXT_CHARS = 1 << 22  # characters of prompt text in one call (tokenized on the event loop)
+MAX_TOKEN_IDS_LOGPROB = 1024  # entries of token_ids_logprob
+# (top_logprobs_num + len(token_ids_logprob)) x (positions logged: prompt + max new tokens), summed
+# over the call's requests: bounds the memory of the logprob lists a request can make the server hold.
+MAX_LOGPROB_ENTRIES = 1 << 22
+
 
 class RequestError(ValueError):
     """A client mistake: becomes a 4xx JSON error (`{"error": {"message": ...}}`)."""

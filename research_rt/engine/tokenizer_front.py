@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import time
 import uuid
 from typing import Any
@@ -11,7 +12,15 @@ import torch
 
 from research_rt.engine.custom_logit_processor import DISABLED_MESSAGE, load_processor
 from research_rt.engine.grammar import GrammarBackend, GrammarState
-from research_rt.engine.io_struct import GenerateInput, RequestError
+from research_rt.engine.io_struct import (
+    MAX_BATCH_SIZE,
+    MAX_LOGPROB_ENTRIES,
+    MAX_REQUESTS,
+    MAX_TEXT_CHARS,
+    MAX_TOKEN_IDS_LOGPROB,
+    GenerateInput,
+    RequestError,
+)
 from research_rt.engine.req import Req
 from research_rt.engine.sampling_params import SamplingParams
 
@@ -56,21 +65,42 @@ class TokenizerFront:
         return self.tokenizer.encode(prompt)
 
     def make_reqs(self, obj: GenerateInput) -> tuple[list[list[Req]], bool]:
-        """Validate and build requests: one list per prompt, holding its n samples."""
+        """Validate and build requests: one list per prompt, holding its n samples.
+
+        Everything a client controls is checked (and bounded: io_struct's limits) before the work
+        that grows with it: sampling params and counts, then text, then tokenizing, then building."""
         prompts, single = obj.prompts()
         bs = len(prompts)
+        if bs > MAX_BATCH_SIZE:
+            raise RequestError(f"A request may hold at most {MAX_BATCH_SIZE} prompts, got {bs}.")
         if obj.rid is not None and not single and not isinstance(obj.rid, list):
             raise RequestError("rid must be a list of strings for a batch request.")
-        groups = []
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenize(prompt)
-            sp_dict = (
+        if isinstance(obj.rid, list):
+            rids = [obj.per_item("rid", i, bs) for i in range(bs)]
+            dup = next((r for i, r in enumerate(rids) if r in rids[:i]), None)
+            if dup is not None:
+                raise RequestError(f"rid has a duplicate entry {dup!r:.60}: each prompt needs its own id.")
+        sps = [
+            self.sampling_params(
                 obj.per_item("sampling_params", i, bs)
                 if isinstance(obj.sampling_params, list)
                 else obj.sampling_params
             )
-            sp = self.sampling_params(sp_dict)
+            for i in range(bs)
+        ]
+        total = sum(sp.n for sp in sps)
+        if total > MAX_REQUESTS:
+            raise RequestError(
+                f"A request may start at most {MAX_REQUESTS} generations (prompts x n), got {total}."
+            )
+        self._check_texts(prompts, single)
+        checked = []
+        for prompt, sp in zip(prompts, sps):
+            ids = self.tokenize(prompt)
             self.check_input(ids, sp)
+            checked.append((ids, sp))
+        groups = []
+        for i, (ids, sp) in enumerate(checked):
             compiled = self.grammar.compile(sp)  # 400 with the library's reason if invalid
             processor = self._custom_processor(obj.per_item("custom_logit_processor", i, bs))
             n = sp.n
@@ -83,7 +113,29 @@ class TokenizerFront:
                 req.custom_logit_processor = processor
                 reqs.append(req)
             groups.append(reqs)
+        entries = sum(_logprob_entries(r) for reqs in groups for r in reqs)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(
+                f"Too many logprobs asked for: (top_logprobs_num + len(token_ids_logprob)) x positions "
+                f"(prompt from logprob_start_len + max_new_tokens), over all samples, is {entries}; "
+                f"at most {MAX_LOGPROB_ENTRIES}. Ask for fewer top logprobs or fewer tokens."
+            )
         return groups, single
+
+    def _check_texts(self, prompts: list[Any], single: bool) -> None:
+        """Text prompts: bounded in size (tokenizing them runs on the server's event loop) and valid
+        Unicode (a lone surrogate, a valid JSON escape, cannot be encoded or tokenized)."""
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        if chars > MAX_TEXT_CHARS:
+            raise RequestError(f"text holds {chars} characters; a request may hold at most {MAX_TEXT_CHARS}.")
+        for i, p in enumerate(prompts):
+            bad = _LONE_SURROGATE.search(p) if isinstance(p, str) else None
+            if bad is not None:
+                name = "text" if single else f"text[{i}]"
+                raise RequestError(
+                    f"{name} is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} at "
+                    f"character {bad.start()}."
+                )
 
     def sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:
         if d is not None and not isinstance(d, dict):
@@ -93,6 +145,12 @@ class TokenizerFront:
             sp.verify()
         except ValueError as e:
             raise RequestError(str(e)) from e
+        bad = next((t for t in sp.stop_token_ids or [] if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"sampling_params.stop_token_ids has a token id outside the vocabulary "
+                f"(size {self.vocab_size}): {bad!r:.40}."
+            )
         return sp.normalize()
 
     def _custom_processor(self, serialized: str | None) -> tuple[str, Any] | None:
@@ -147,8 +205,17 @@ class TokenizerFront:
         if start < 0:
             raise RequestError(f"logprob_start_len must be -1 or at least 0, got {start}.")
         top = obj.per_item("top_logprobs_num", i, bs) or 0
+        if not _is_int(top) or not 0 <= top <= self.vocab_size:
+            raise RequestError(
+                f"top_logprobs_num must be an integer in [0, {self.vocab_size}] (the vocabulary size), "
+                f"got {top!r:.40}."
+            )
         given = obj.per_item("token_ids_logprob", i, bs) or None
-        if given is not None and any(not 0 <= t < self.vocab_size for t in given):
+        if given is not None and len(given) > MAX_TOKEN_IDS_LOGPROB:
+            raise RequestError(
+                f"token_ids_logprob may hold at most {MAX_TOKEN_IDS_LOGPROB} ids, got {len(given)}."
+            )
+        if given is not None and any(not _is_int(t) or not 0 <= t < self.vocab_size for t in given):
             raise RequestError("token_ids_logprob has a token id outside the vocabulary.")
         seed = sp.sampling_seed if sp.sampling_seed is not None else self.rng.randrange(1 << 62)
         gen = torch.Generator().manual_seed(int(seed))
@@ -217,6 +284,22 @@ class TokenizerFront:
             return [[lp, tid, decode([tid]) if decode else None] for lp, tid in entries]
 
         return fmt
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, any surrogate is a lone one
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _logprob_entries(req: Req) -> int:
+    """How many logprob entries `req` can record (prompt positions + new tokens) x (top + given)."""
+    if not req.return_logprob:
+        return 0
+    per_position = req.top_logprobs_num + len(req.token_ids_logprob or ())
+    positions = len(req.input_ids) - req.logprob_start_len + (req.sampling.max_new_tokens or 0)
+    return per_position * positions
 
 
 def _copy_sampling(sp: SamplingParams, j: int) -> SamplingParams:
