@@ -31,6 +31,7 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_load --num-requests 1000 --concurrency 32 --disconnect-frac 0.12 --json benchmarks/out/bench_load.json
 	$(PY) -m pytest -q benchmarks/test_micro.py --benchmark-only --benchmark-columns=mean,stddev,rounds
 
 lint: install
