@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,15 @@ class GenerateInput:
 
     # ---------------------------------------------------------------- shape
     def prompts(self) -> tuple[list[Any], bool]:
-        """(one prompt per batch item, whether the request was a single one)."""
+        """(one prompt per batch item, whether the request was a single one), within the limits."""
+        prompts, single = self._prompts()
+        if len(prompts) > MAX_BATCH_SIZE:
+            raise RequestError(f"A request may hold at most {MAX_BATCH_SIZE} prompts, got {len(prompts)}.")
+        if self.text is not None:
+            check_texts(prompts, "text" if single else None)
+        return prompts, single
+
+    def _prompts(self) -> tuple[list[Any], bool]:
         if self.input_embeds is not None:
             raise RequestError("input_embeds is not supported by research_rt.")
         if self.text is not None and self.input_ids is not None:
@@ -90,6 +99,25 @@ class GenerateInput:
                 raise RequestError(f"{name} has {len(value)} entries for a batch of {batch_size}.")
             return value[index]
         return value
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, any surrogate is a lone one
+
+
+def check_texts(texts: list[str], name: str | None) -> None:
+    """Prompt text: bounded in size (it is tokenized on the server's event loop) and valid Unicode
+    (a lone surrogate, a valid JSON escape, can be neither encoded nor tokenized). `name` names a
+    single prompt's field; None names batch items `text[i]`."""
+    chars = sum(len(t) for t in texts)
+    if chars > MAX_TEXT_CHARS:
+        raise RequestError(f"text holds {chars} characters; a request may hold at most {MAX_TEXT_CHARS}.")
+    for i, t in enumerate(texts):
+        bad = _LONE_SURROGATE.search(t)
+        if bad is not None:
+            raise RequestError(
+                f"{name or f'text[{i}]'} is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} "
+                f"at character {bad.start()}."
+            )
 
 
 def _is_int(x: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import re
 import time
 import uuid
 from typing import Any
@@ -13,10 +12,8 @@ import torch
 from research_rt.engine.custom_logit_processor import DISABLED_MESSAGE, load_processor
 from research_rt.engine.grammar import GrammarBackend, GrammarState
 from research_rt.engine.io_struct import (
-    MAX_BATCH_SIZE,
     MAX_LOGPROB_ENTRIES,
     MAX_REQUESTS,
-    MAX_TEXT_CHARS,
     MAX_TOKEN_IDS_LOGPROB,
     GenerateInput,
     RequestError,
@@ -68,11 +65,9 @@ class TokenizerFront:
         """Validate and build requests: one list per prompt, holding its n samples.
 
         Everything a client controls is checked (and bounded: io_struct's limits) before the work
-        that grows with it: sampling params and counts, then text, then tokenizing, then building."""
-        prompts, single = obj.prompts()
+        that grows with it: prompts, sampling params and counts, then tokenizing, then building."""
+        prompts, single = obj.prompts()  # batch size, text size and Unicode checked there
         bs = len(prompts)
-        if bs > MAX_BATCH_SIZE:
-            raise RequestError(f"A request may hold at most {MAX_BATCH_SIZE} prompts, got {bs}.")
         if obj.rid is not None and not single and not isinstance(obj.rid, list):
             raise RequestError("rid must be a list of strings for a batch request.")
         if isinstance(obj.rid, list):
@@ -93,7 +88,6 @@ class TokenizerFront:
             raise RequestError(
                 f"A request may start at most {MAX_REQUESTS} generations (prompts x n), got {total}."
             )
-        self._check_texts(prompts, single)
         checked = []
         for prompt, sp in zip(prompts, sps):
             ids = self.tokenize(prompt)
@@ -121,21 +115,6 @@ class TokenizerFront:
                 f"at most {MAX_LOGPROB_ENTRIES}. Ask for fewer top logprobs or fewer tokens."
             )
         return groups, single
-
-    def _check_texts(self, prompts: list[Any], single: bool) -> None:
-        """Text prompts: bounded in size (tokenizing them runs on the server's event loop) and valid
-        Unicode (a lone surrogate, a valid JSON escape, cannot be encoded or tokenized)."""
-        chars = sum(len(p) for p in prompts if isinstance(p, str))
-        if chars > MAX_TEXT_CHARS:
-            raise RequestError(f"text holds {chars} characters; a request may hold at most {MAX_TEXT_CHARS}.")
-        for i, p in enumerate(prompts):
-            bad = _LONE_SURROGATE.search(p) if isinstance(p, str) else None
-            if bad is not None:
-                name = "text" if single else f"text[{i}]"
-                raise RequestError(
-                    f"{name} is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} at "
-                    f"character {bad.start()}."
-                )
 
     def sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:
         if d is not None and not isinstance(d, dict):
@@ -284,9 +263,6 @@ class TokenizerFront:
             return [[lp, tid, decode([tid]) if decode else None] for lp, tid in entries]
 
         return fmt
-
-
-_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, any surrogate is a lone one
 
 
 def _is_int(x: Any) -> bool:
