@@ -287,6 +287,16 @@ def test_wrong_methods(server):
         assert r.status_code == 404 and "Not Found" in error_message(r)
 
 
+def test_bodiless_routes_ignore_bodies(server):
+    """Routes that take no body answer as usual whatever is sent along (and a query string)."""
+    junk = b'{"x": NaN, "y": "\\ud800", "z": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    for path in ("/get_model_info", "/get_server_info", "/get_load", "/v1/models", "/health?a=%ff"):
+        r = send(server, path, raw=junk, method="GET")
+        assert r.status_code == 200, (path, r.text[:200])
+        if path != "/health?a=%ff":
+            assert isinstance(r.json(), dict)
+
+
 # ---------------------------------------------------------------- per-endpoint fields
 SP = {"max_new_tokens": 2}
 GENERATE_CASES = [
