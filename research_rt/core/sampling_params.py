@@ -3,11 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 TOP_K_ALL = 1 << 30
 _GRAMMAR_KEYS = ("regex", "json_schema", "ebnf")
+
+# Limits (README "Limits and errors"); verify() answers each with a message naming it.
+MAX_N = 256  # samples per prompt
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 512
+MAX_STOP_TOKEN_IDS = 1024
+SEED_RANGE = (-(1 << 63), 1 << 63)  # what torch.Generator.manual_seed takes, less room for n's offsets
+# The sampler divides positive logits by repetition_penalty: below this they overflow float32 (0 gives
+# inf, then NaN probabilities), so normalize() raises smaller values to it (the same limit, finite).
+MIN_REPETITION_PENALTY = 1e-6
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+)
 
 
 @dataclass
@@ -50,12 +70,17 @@ class SamplingParams:
         return cls(**d)
 
     def normalize(self) -> SamplingParams:
-        """SGLang's normalisation: temperature ~0 means greedy; top_k -1 means all; stop -> list."""
+        """SGLang's normalisation: temperature ~0 means greedy; top_k -1 means all; stop -> list.
+
+        Also: a top_k above TOP_K_ALL means all too (it becomes an int64 tensor), and a
+        repetition_penalty below MIN_REPETITION_PENALTY (0 is valid) is raised to it."""
         if 0 <= self.temperature < 1e-6:
             self.temperature = 1.0
             self.top_k = 1
-        if self.top_k == -1:
+        if self.top_k == -1 or self.top_k > TOP_K_ALL:
             self.top_k = TOP_K_ALL
+        if 0 <= self.repetition_penalty < MIN_REPETITION_PENALTY:
+            self.repetition_penalty = MIN_REPETITION_PENALTY
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
@@ -67,6 +92,10 @@ class SamplingParams:
         return self.top_k == 1
 
     def verify(self) -> None:
+        for key in _FLOAT_FIELDS:
+            value = getattr(self, key)
+            if not _finite_float32(value):
+                raise ValueError(not_finite_message(f"sampling_params.{key}", value))
         if self.temperature < 0.0:
             raise ValueError(f"temperature must be non-negative, got {self.temperature}.")
         if not 0.0 < self.top_p <= 1.0:
@@ -93,6 +122,28 @@ class SamplingParams:
                 )
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.n > MAX_N:
+            raise ValueError(f"n must be at most {MAX_N}, got {self.n}.")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(
+                f"sampling_params.stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}."
+            )
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(
+                f"sampling_params.stop strings may be at most {MAX_STOP_STRING_CHARS} characters long, "
+                f"got one of {longest}."
+            )
+        if self.stop_token_ids is not None and len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise ValueError(
+                f"sampling_params.stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids, "
+                f"got {len(self.stop_token_ids)}."
+            )
+        if self.sampling_seed is not None and not SEED_RANGE[0] <= self.sampling_seed < SEED_RANGE[1]:
+            raise ValueError(
+                f"sampling_params.sampling_seed (seed) must be in [-2**63, 2**63), got {self.sampling_seed!r:.60}."
+            )
         if sum(getattr(self, k) is not None for k in _GRAMMAR_KEYS) > 1:
             raise ValueError("Only one of regex, json_schema, or ebnf can be set.")
         if self.structural_tag is not None:
@@ -111,6 +162,8 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif annotation.startswith("float"):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not _finite_float32(value):
+            raise ValueError(not_finite_message(f"sampling_params.{key}", value))
     elif annotation.startswith("str | list[str]"):
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value))
     elif annotation.startswith("list[int]"):
@@ -123,3 +176,29 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         ok = True
     if not ok:
         raise ValueError(f"sampling_params.{key} has the wrong type: {type(value).__name__} ({value!r:.60}).")
+
+
+def _finite_float32(value: Any) -> bool:
+    """Whether a number becomes a finite float32 (what the sampler's tensors hold)."""
+    try:
+        f = float(value)
+    except (OverflowError, TypeError, ValueError):  # an int too large for a float
+        return False
+    return math.isfinite(f) and abs(f) <= _FLOAT32_MAX
+
+
+def describe_number(value: Any) -> str:
+    """A number as JSON would spell it: NaN, Infinity, -Infinity; long ints cut short."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def not_finite_message(field: str, value: Any) -> str:
+    try:
+        big = math.isfinite(float(value))
+    except (OverflowError, TypeError, ValueError):
+        big = True
+    beyond = " (beyond float32's range)" if big else ""
+    return f"{field} must be a finite number, got {describe_number(value)}{beyond}."

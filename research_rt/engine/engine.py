@@ -100,6 +100,7 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
                 self.tokenizer, args, self.config, self.context_len, self.max_total_num_tokens, stop_ids
             )
             self.max_req_input_len = self.builder.max_req_input_len
+            self.vocab_size = self.builder.vocab_size
             self.scheduler = (
                 EncoderScheduler(self.runner, args, self._on_output)
                 if self._is_encoder

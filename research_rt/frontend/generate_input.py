@@ -6,10 +6,22 @@ caller gets one response object or a list (`single_response`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from research_rt.core.errors import RequestError
+
+# ---------------------------------------------------------------- limits (README "Limits and errors")
+# What one request may ask for. Each is enforced with a 400 naming the field and the limit, before any
+# work that grows with it (tokenizing, building requests) runs on the server's event loop.
+MAX_BATCH_SIZE = 1024  # prompts in one request (a list of texts or of token-id lists)
+MAX_REQUESTS = 1024  # prompts x n: the requests one call may start
+MAX_TEXT_CHARS = 1 << 22  # characters of prompt text in one call (tokenized on the event loop)
+MAX_TOKEN_IDS_LOGPROB = 1024  # entries of token_ids_logprob
+# (top_logprobs_num + len(token_ids_logprob)) x (positions logged: prompt + max new tokens), summed
+# over the call's requests: bounds the memory of the logprob lists a request can make the server hold.
+MAX_LOGPROB_ENTRIES = 1 << 22
 
 
 @dataclass
@@ -35,9 +47,17 @@ class GenerateInput:
 
     # ---------------------------------------------------------------- shape
     def prompts(self) -> tuple[list[Any], bool]:
-        """(one prompt per batch item, whether the request was a single one); parsed once."""
+        """(one prompt per batch item, whether the request was a single one), within the limits;
+        parsed once."""
         if self._parsed is None:
-            self._parsed = self._parse_prompts()
+            prompts, single = self._prompts()
+            if len(prompts) > MAX_BATCH_SIZE:
+                raise RequestError(
+                    f"A request may hold at most {MAX_BATCH_SIZE} prompts, got {len(prompts)}."
+                )
+            if self.text is not None:
+                check_texts(prompts, "text" if single else None)
+            self._parsed = prompts, single
         return self._parsed
 
     @property
@@ -48,7 +68,7 @@ class GenerateInput:
         n = sp.get("n", 1) if isinstance(sp, dict) else 1
         return single and n == 1 and not isinstance(sp, list)
 
-    def _parse_prompts(self) -> tuple[list[Any], bool]:
+    def _prompts(self) -> tuple[list[Any], bool]:
         if self.input_embeds is not None:
             raise RequestError("input_embeds is not supported by research_rt.")
         if self.text is not None and self.input_ids is not None:
@@ -91,6 +111,25 @@ class GenerateInput:
                 raise RequestError(f"{name} has {len(value)} entries for a batch of {batch_size}.")
             return value[index]
         return value
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a str, any surrogate is a lone one
+
+
+def check_texts(texts: list[str], name: str | None) -> None:
+    """Prompt text: bounded in size (it is tokenized on the server's event loop) and valid Unicode
+    (a lone surrogate, a valid JSON escape, can be neither encoded nor tokenized). `name` names a
+    single prompt's field; None names batch items `text[i]`."""
+    chars = sum(len(t) for t in texts)
+    if chars > MAX_TEXT_CHARS:
+        raise RequestError(f"text holds {chars} characters; a request may hold at most {MAX_TEXT_CHARS}.")
+    for i, t in enumerate(texts):
+        bad = _LONE_SURROGATE.search(t)
+        if bad is not None:
+            raise RequestError(
+                f"{name or f'text[{i}]'} is not valid Unicode: a lone surrogate U+{ord(bad.group()):04X} "
+                f"at character {bad.start()}."
+            )
 
 
 def _is_int(x: Any) -> bool:

@@ -11,7 +11,12 @@ import torch
 from research_rt.core.errors import RequestError
 from research_rt.core.req import Req
 from research_rt.core.sampling_params import SamplingParams
-from research_rt.frontend.generate_input import GenerateInput
+from research_rt.frontend.generate_input import (
+    MAX_LOGPROB_ENTRIES,
+    MAX_REQUESTS,
+    MAX_TOKEN_IDS_LOGPROB,
+    GenerateInput,
+)
 from research_rt.sampling.custom_logit_processor import DISABLED_MESSAGE, load_processor
 from research_rt.sampling.grammar import GrammarBackend, GrammarState
 
@@ -56,21 +61,39 @@ class RequestBuilder:
         return self.tokenizer.encode(prompt)
 
     def make_reqs(self, obj: GenerateInput) -> list[list[Req]]:
-        """Validate and build requests: one list per prompt, holding its n samples."""
-        prompts, single = obj.prompts()
+        """Validate and build requests: one list per prompt, holding its n samples.
+
+        Everything a client controls is checked (and bounded: generate_input.py's limits) before the work
+        that grows with it: prompts, sampling params and counts, then tokenizing, then building."""
+        prompts, single = obj.prompts()  # batch size, text size and Unicode checked there
         bs = len(prompts)
         if obj.rid is not None and not single and not isinstance(obj.rid, list):
             raise RequestError("rid must be a list of strings for a batch request.")
-        groups = []
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenize(prompt)
-            sp_dict = (
+        if isinstance(obj.rid, list):
+            rids = [obj.per_item("rid", i, bs) for i in range(bs)]
+            dup = next((r for i, r in enumerate(rids) if r in rids[:i]), None)
+            if dup is not None:
+                raise RequestError(f"rid has a duplicate entry {dup!r:.60}: each prompt needs its own id.")
+        sps = [
+            self.sampling_params(
                 obj.per_item("sampling_params", i, bs)
                 if isinstance(obj.sampling_params, list)
                 else obj.sampling_params
             )
-            sp = self.sampling_params(sp_dict)
+            for i in range(bs)
+        ]
+        total = sum(sp.n for sp in sps)
+        if total > MAX_REQUESTS:
+            raise RequestError(
+                f"A request may start at most {MAX_REQUESTS} generations (prompts x n), got {total}."
+            )
+        checked = []
+        for prompt, sp in zip(prompts, sps):
+            ids = self.tokenize(prompt)
             self.check_input(ids, sp)
+            checked.append((ids, sp))
+        groups = []
+        for i, (ids, sp) in enumerate(checked):
             compiled = self.grammar.compile(sp)  # 400 with the library's reason if invalid
             processor = self._custom_processor(obj.per_item("custom_logit_processor", i, bs))
             priority = self._priority(obj.per_item("priority", i, bs))
@@ -85,6 +108,13 @@ class RequestBuilder:
                 req.priority = priority
                 reqs.append(req)
             groups.append(reqs)
+        entries = sum(_logprob_entries(r) for reqs in groups for r in reqs)
+        if entries > MAX_LOGPROB_ENTRIES:
+            raise RequestError(
+                f"Too many logprobs asked for: (top_logprobs_num + len(token_ids_logprob)) x positions "
+                f"(prompt from logprob_start_len + max_new_tokens), over all samples, is {entries}; "
+                f"at most {MAX_LOGPROB_ENTRIES}. Ask for fewer top logprobs or fewer tokens."
+            )
         return groups
 
     def sampling_params(self, d: dict[str, Any] | None) -> SamplingParams:
@@ -95,6 +125,12 @@ class RequestBuilder:
             sp.verify()
         except ValueError as e:
             raise RequestError(str(e)) from e
+        bad = next((t for t in sp.stop_token_ids or [] if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError(
+                f"sampling_params.stop_token_ids has a token id outside the vocabulary "
+                f"(size {self.vocab_size}): {bad!r:.40}."
+            )
         return sp.normalize()
 
     def _custom_processor(self, serialized: str | None) -> tuple[str, Any] | None:
@@ -165,8 +201,17 @@ class RequestBuilder:
         if start < 0:
             raise RequestError(f"logprob_start_len must be -1 or at least 0, got {start}.")
         top = obj.per_item("top_logprobs_num", i, bs) or 0
+        if not _is_int(top) or not 0 <= top <= self.vocab_size:
+            raise RequestError(
+                f"top_logprobs_num must be an integer in [0, {self.vocab_size}] (the vocabulary size), "
+                f"got {top!r:.40}."
+            )
         given = obj.per_item("token_ids_logprob", i, bs) or None
-        if given is not None and any(not 0 <= t < self.vocab_size for t in given):
+        if given is not None and len(given) > MAX_TOKEN_IDS_LOGPROB:
+            raise RequestError(
+                f"token_ids_logprob may hold at most {MAX_TOKEN_IDS_LOGPROB} ids, got {len(given)}."
+            )
+        if given is not None and any(not _is_int(t) or not 0 <= t < self.vocab_size for t in given):
             raise RequestError("token_ids_logprob has a token id outside the vocabulary.")
         seed = sp.sampling_seed if sp.sampling_seed is not None else self.rng.randrange(1 << 62)
         gen = torch.Generator().manual_seed(int(seed))
@@ -184,6 +229,19 @@ class RequestBuilder:
             logit_processor=obj.logit_processor,
             generator=gen,
         )
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _logprob_entries(req: Req) -> int:
+    """How many logprob entries `req` can record (prompt positions + new tokens) x (top + given)."""
+    if not req.return_logprob:
+        return 0
+    per_position = req.top_logprobs_num + len(req.token_ids_logprob or ())
+    positions = len(req.input_ids) - req.logprob_start_len + (req.sampling.max_new_tokens or 0)
+    return per_position * positions
 
 
 def _copy_sampling(sp: SamplingParams, j: int) -> SamplingParams:

@@ -21,6 +21,10 @@ from research_rt.server.state import ServerState
 
 logger = logging.getLogger("research_rt.server")
 
+# The largest request body accepted (413 above it): room for e.g. 512 prompts of 8k token ids;
+# parsing this much JSON takes about a second of the event loop on a slow CPU.
+MAX_BODY_BYTES = 32 << 20
+
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "*",
@@ -36,6 +40,7 @@ def create_app(state: ServerState, name: str | None = None) -> Sanic:
     app.ctx.state = state
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # long generations are fine; disconnects abort them
     app.config.KEEP_ALIVE_TIMEOUT = 5
+    app.config.REQUEST_MAX_SIZE = MAX_BODY_BYTES
     app.config.TOUCHUP = False
     app.config.MOTD = False
     native.register(app)
@@ -74,6 +79,8 @@ def _handle_error(request: Request, exc: Exception) -> HTTPResponse:
         message = str(exc) or type(exc).__name__
         if status == 404:
             message = f"Not Found: {request.method} {request.path}" if request is not None else "Not Found"
+        elif status == 413:
+            message = f"Payload Too Large: the request body may be at most {MAX_BODY_BYTES} bytes."
         elif status == 405:
             message = (
                 f"Method Not Allowed: {request.method} {request.path}" if request is not None else str(exc)

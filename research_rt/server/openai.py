@@ -16,13 +16,17 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json
 
 from research_rt.core.errors import RequestError
+from research_rt.core.sampling_params import MAX_N
 from research_rt.frontend.embedding_input import EmbeddingInput
-from research_rt.frontend.generate_input import GenerateInput
+from research_rt.frontend.generate_input import MAX_TEXT_CHARS, GenerateInput
 from research_rt.server.native import check_embedding_model
 from research_rt.server.protocol import (
     SSE_DONE,
+    check_fields,
     ids_or_batch,
     int_list,
+    is_int,
+    is_num,
     openai_error_body,
     parse_json,
     sse,
@@ -51,10 +55,71 @@ SAMPLING_KEYS = {  # OpenAI / SGLang-extra request key -> sampling_params key
 }
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+# Types of the fields both endpoints read (null = absent); values are checked where they are used
+# (ranges: SamplingParams.verify, whose texts name the sampling parameter). A string where a boolean
+# belongs is a 400, never its truthiness. Fields the spec says are accepted and ignored (user, suffix,
+# best_of, logit_bias, tool_choice, ...) are not checked.
+COMMON_FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (_is_str, "a string"),
+    "max_tokens": (is_int, "an integer"),
+    "max_completion_tokens": (is_int, "an integer"),
+    "temperature": (is_num, "a number"),
+    "top_p": (is_num, "a number"),
+    "top_k": (is_int, "an integer"),
+    "min_p": (is_num, "a number"),
+    "presence_penalty": (is_num, "a number"),
+    "frequency_penalty": (is_num, "a number"),
+    "repetition_penalty": (is_num, "a number"),
+    "min_tokens": (is_int, "an integer"),
+    "seed": (is_int, "an integer"),
+    "stop": (
+        lambda v: _is_str(v) or (isinstance(v, list) and all(map(_is_str, v))),
+        "a string or a list of strings",
+    ),
+    "stop_token_ids": (int_list, "a list of token ids"),
+    "regex": (_is_str, "a string"),
+    "json_schema": (_is_str, "a string"),
+    "ebnf": (_is_str, "a string"),
+    "ignore_eos": (_is_bool, "a boolean"),
+    "no_stop_trim": (_is_bool, "a boolean"),
+    "skip_special_tokens": (_is_bool, "a boolean"),
+    "stream": (_is_bool, "a boolean"),
+    "stream_options": (lambda v: isinstance(v, dict), "an object"),
+}
+COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": (_is_bool, "a boolean")}
+CHAT_FIELDS = {
+    **COMMON_FIELDS,
+    "logprobs": (_is_bool, "a boolean"),
+    "tools": (lambda v: isinstance(v, list) and all(isinstance(t, dict) for t in v), "a list of objects"),
+}
+
+
+def _check_body(body: dict[str, Any], spec: dict[str, tuple[Any, str]]) -> None:
+    check_fields(body, spec)
+    opts = body.get("stream_options") or {}
+    usage = opts.get("include_usage")
+    _check(
+        usage is None or isinstance(usage, bool), "Field 'stream_options.include_usage' must be a boolean."
+    )
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
 def _sampling(body: dict[str, Any], max_tokens: int | None, temperature: float) -> dict[str, Any]:
     sp = {dst: body[src] for src, dst in SAMPLING_KEYS.items() if body.get(src) is not None}
     n = sp.get("n", 1)
     _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "Field 'n' must be a positive integer.")
+    _check(n <= MAX_N, f"Field 'n' must be at most {MAX_N}, got {n!r:.40}.")
     sp.setdefault("temperature", temperature)
     limit = body.get("max_completion_tokens", body.get("max_tokens", max_tokens))
     sp["max_new_tokens"] = limit
@@ -183,6 +248,7 @@ async def completions(request: Request) -> HTTPResponse | None:
     body = parse_json(request.body)
     prompt = body.get("prompt")
     _check(prompt is not None, "Field 'prompt' is required.")
+    _check_body(body, COMPLETION_FIELDS)
     _check(
         isinstance(prompt, str)
         or (isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or ids_or_batch(prompt))),
@@ -192,6 +258,11 @@ async def completions(request: Request) -> HTTPResponse | None:
     _check(
         logprobs is None or (isinstance(logprobs, int) and not isinstance(logprobs, bool) and logprobs >= 0),
         "Field 'logprobs' must be a non-negative integer or null.",
+    )
+    vocab = state.engine.vocab_size
+    _check(
+        logprobs is None or logprobs <= vocab,
+        f"Field 'logprobs' must be at most the vocabulary size ({vocab}), got {logprobs!r:.40}.",
     )
     is_ids = isinstance(prompt, list) and bool(prompt) and (int_list(prompt) or isinstance(prompt[0], list))
     obj = GenerateInput(
@@ -256,8 +327,7 @@ async def completions(request: Request) -> HTTPResponse | None:
             }
             return [{**base, "choices": [choice]}]
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        await _stream(request, state, obj, n, chunks, include_usage, base)
+        await _stream(request, state, obj, n, chunks, _include_usage(body), base)
         return None
 
     finals = await state.collect(obj)
@@ -313,6 +383,11 @@ def _chat_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
             content is None or isinstance(content, str), f"messages[{i}].content must be a string or a list."
         )
         msgs.append({**m, "content": content or ""})
+    chars = sum(len(m["content"]) for m in msgs)
+    _check(
+        chars <= MAX_TEXT_CHARS,
+        f"messages hold {chars} characters of content; a request may hold at most {MAX_TEXT_CHARS}.",
+    )
     prefill = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None
     try:
         prompt = tok.apply_chat_template(
@@ -329,12 +404,17 @@ def _chat_prompt(state: ServerState, body: dict[str, Any]) -> list[int]:
 async def chat_completions(request: Request) -> HTTPResponse | None:
     state = _state(request)
     body = parse_json(request.body)
+    _check_body(body, CHAT_FIELDS)
     ids = _chat_prompt(state, body)
     want_lp = bool(body.get("logprobs", False))
     top = body.get("top_logprobs") or 0
     _check(
         isinstance(top, int) and not isinstance(top, bool) and top >= 0,
         "Field 'top_logprobs' must be an integer.",
+    )
+    vocab = state.engine.vocab_size
+    _check(
+        top <= vocab, f"Field 'top_logprobs' must be at most the vocabulary size ({vocab}), got {top!r:.40}."
     )
     sp = _sampling(body, None, 0.7)
     obj = GenerateInput(
@@ -415,8 +495,7 @@ async def chat_completions(request: Request) -> HTTPResponse | None:
                 )
             return out
 
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        await _stream(request, state, obj, n, chunks, include_usage, base)
+        await _stream(request, state, obj, n, chunks, _include_usage(body), base)
         return None
 
     finals = await state.collect(obj)

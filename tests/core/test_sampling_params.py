@@ -169,3 +169,41 @@ def test_from_dict_accepts_valid_values():
     )
     assert sp.temperature == 0 and sp.top_k == 5 and sp.stop == "x" and sp.stop_token_ids == [1, 2]
     assert sp.max_new_tokens is None and sp.ignore_eos is True and sp.sampling_seed == 42
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(temperature=float("nan")), "sampling_params.temperature must be a finite number, got NaN."),
+        (dict(top_p=float("inf")), "sampling_params.top_p must be a finite number, got Infinity."),
+        (dict(min_p=float("-inf")), "sampling_params.min_p must be a finite number, got -Infinity."),
+        (
+            dict(temperature=1e39),
+            "sampling_params.temperature must be a finite number, got 1e+39 (beyond float32's range).",
+        ),
+        (dict(frequency_penalty=10**400), "sampling_params.frequency_penalty must be a finite number"),
+        (dict(n=257), "n must be at most 256, got 257."),
+        (dict(stop=["s"] * 33), "sampling_params.stop may hold at most 32 strings, got 33."),
+        (dict(stop="s" * 513), "sampling_params.stop strings may be at most 512 characters long"),
+        (dict(stop_token_ids=[1] * 1025), "sampling_params.stop_token_ids may hold at most 1024 ids"),
+        (dict(sampling_seed=2**63), "sampling_params.sampling_seed (seed) must be in [-2**63, 2**63)"),
+        (dict(sampling_seed=-(2**63) - 1), "sampling_params.sampling_seed (seed) must be in"),
+    ],
+)
+def test_limits_and_non_finite(kwargs, msg):
+    with pytest.raises(ValueError, match="^" + re.escape(msg)):
+        SamplingParams(**kwargs).verify()
+    with pytest.raises(ValueError, match="^" + re.escape(msg)):
+        SamplingParams.from_dict(kwargs).verify()
+
+
+def test_limits_boundaries_accepted():
+    SamplingParams(n=256, stop=["s" * 512] * 32, stop_token_ids=[1] * 1024, sampling_seed=-(2**63)).verify()
+    SamplingParams(temperature=3.4e38, sampling_seed=2**63 - 1).verify()
+
+
+def test_normalize_keeps_tensor_values_in_range():
+    assert SamplingParams(top_k=10**30, temperature=0.5).normalize().top_k == TOP_K_ALL
+    assert SamplingParams(top_k=TOP_K_ALL + 1).normalize().top_k == TOP_K_ALL
+    assert SamplingParams(repetition_penalty=0.0).normalize().repetition_penalty == 1e-6
+    assert SamplingParams(repetition_penalty=0.5).normalize().repetition_penalty == 0.5
