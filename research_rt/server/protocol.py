@@ -186,11 +186,3 @@ def error_body(message: str) -> dict[str, Any]:
 
 def openai_error_body(message: str, status: int = 400) -> dict[str, Any]:
     return {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": status}
-
-
-def sse(data: Any) -> str:
-    """One server-sent event: `data: <compact json>\\n\\n`."""
-    return "data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False) + "\n\n"
-
-
-SSE_DONE = "data: [DONE]\n\n"
