@@ -1,5 +1,6 @@
 """SGLang's native endpoints: /generate, /encode and /classify, info, health, cache, weights, abort,
-and the expert-distribution recorder."""
+and the expert-distribution recorder. Info routes answer under both names (/get_server_info and
+/server_info, /get_model_info and /model_info): sglang-router 0.3 asks for the new ones."""
 
 from __future__ import annotations
 
@@ -99,13 +100,42 @@ async def stream_generate(
         await response.eof()
 
 
+def set_ready(app: Sanic, ready: bool) -> None:
+    """Mark the server ready (warm-up done) or not (starting, shutting down): /health says 503
+    while not ready. An app nobody marks is ready."""
+    app.ctx.ready = ready
+
+
+def is_ready(app: Sanic) -> bool:
+    return getattr(app.ctx, "ready", True)
+
+
+def _model_info(state: ServerState) -> dict[str, Any]:
+    return {
+        "model_path": state.model_path,
+        "tokenizer_path": state.server_args.tokenizer_path,
+        "is_generation": not state.server_args.is_embedding,
+    }
+
+
 async def get_model_info(request: Request) -> HTTPResponse:
+    """GET /get_model_info: SGLang 0.4's three keys, exactly."""
+    return json(_model_info(_state(request)))
+
+
+async def model_info(request: Request) -> HTTPResponse:
+    """GET /model_info (SGLang 0.5's name): the three keys plus what sglang-router reads at
+    registration (model type, architectures) and the served name."""
     state = _state(request)
+    config = state.engine.config
     return json(
         {
-            "model_path": state.model_path,
-            "tokenizer_path": state.server_args.tokenizer_path,
-            "is_generation": not state.server_args.is_embedding,
+            **_model_info(state),
+            "served_model_name": state.served_model_name,
+            "model_type": getattr(config, "model_type", None),
+            "architectures": list(getattr(config, "architectures", None) or []),
+            "preferred_sampling_params": None,
+            "weight_version": "default",
         }
     )
 
@@ -130,16 +160,32 @@ async def get_server_info(request: Request) -> HTTPResponse:
 
 
 async def get_load(request: Request) -> HTTPResponse:
-    return json(_state(request).engine.get_load())
+    """SGLang 0.5's shape, one entry per DP rank (research_rt serves one): `dp_rank`, `num_reqs`
+    (running + waiting), `num_waiting_reqs`, `num_tokens` (KV in use + waiting prompt tokens), which
+    sglang-router's power_of_two policy reads; research_rt's own pool figures ride along."""
+    engine = _state(request).engine
+    load = engine.get_load()
+    waiting = list(engine.scheduler.waiting)
+    entry = {
+        "dp_rank": 0,
+        "num_reqs": load["num_running_reqs"] + load["num_waiting_reqs"],
+        "num_waiting_reqs": load["num_waiting_reqs"],
+        "num_tokens": load["num_used_tokens"] + sum(len(r.input_ids) for r in waiting),
+    }
+    return json([{**entry, **load}])
 
 
 async def health(request: Request) -> HTTPResponse:
-    return raw(b"", status=200, content_type="text/plain; charset=utf-8")
+    """200 once warmed up; 503 while starting and while shutting down. Never touches the model."""
+    status = 200 if is_ready(request.app) else 503
+    return raw(b"", status=status, content_type="text/plain; charset=utf-8")
 
 
 async def health_generate(request: Request) -> HTTPResponse:
     """200 as soon as a one-token generation produces any output, 503 otherwise (20 s)."""
     state = _state(request)
+    if not is_ready(request.app):
+        return raw(b"", status=503, content_type="text/plain; charset=utf-8")
     if state.engine.is_embedding:  # SGLang sends EmbeddingReqInput(input_ids=[0])
         try:
             await asyncio.wait_for(
@@ -278,7 +324,9 @@ async def expert_distribution(request: Request) -> HTTPResponse:
 def register(app: Sanic) -> None:
     app.add_route(generate, "/generate", methods=["POST", "PUT"])
     app.add_route(get_model_info, "/get_model_info", methods=["GET"])
+    app.add_route(model_info, "/model_info", methods=["GET"])
     app.add_route(get_server_info, "/get_server_info", methods=["GET"])
+    app.add_route(get_server_info, "/server_info", methods=["GET"], name="server_info")
     app.add_route(get_load, "/get_load", methods=["GET"])
     app.add_route(health, "/health", methods=["GET"])
     app.add_route(health, "/ping", methods=["GET"], name="ping")
