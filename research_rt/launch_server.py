@@ -2,18 +2,25 @@
 
 Loads the model (the embedded SmolLM2-135M-Instruct when no --model-path), logs what SGLang logs,
 then serves the Sanic app in a single process (the engine owns a scheduler thread and the model),
-sends one warm-up request and logs `The server is fired up and ready to roll!`.
+sends one warm-up request and logs `The server is fired up and ready to roll!`. `/health` answers
+503 until then, and again from the first SIGINT / SIGTERM on, while running requests finish (up to
+10 s; then they are aborted and the server stops).
+
+With `--dp-size N` (N > 1) it starts N such servers on free loopback ports instead, with sglang-router
+in front on --host/--port (see research_rt/data_parallel/).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 
 from research_rt.server_args import ServerArgs
 
@@ -21,6 +28,7 @@ logger = logging.getLogger("research_rt.launch_server")
 
 LOG_FORMAT = "[%(asctime)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+SHUTDOWN_DRAIN_S = 10.0  # how long SIGTERM waits for running requests before aborting them
 ACCESS_FORMAT = '[%(asctime)s] %(host)s - "%(request)s" %(status)s'
 
 
@@ -50,13 +58,18 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         args = ServerArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
-    if args.tp_size != 1 or args.dp_size != 1:
-        parser.error("--tp-size and --dp-size must be 1 (research_rt runs one device).")
+    if args.tp_size != 1:
+        parser.error("--tp-size must be 1 (research_rt has no tensor parallelism).")
+    if args.dp_size < 1:
+        parser.error("--dp-size must be at least 1.")
     return args
 
 
-def warmup(args: ServerArgs, host: str, is_embedding: bool = False) -> None:
-    """Wait for the routes, send one small generation, and announce readiness (SGLang's flow)."""
+def warmup(
+    args: ServerArgs, host: str, is_embedding: bool = False, on_ready: Callable[[], None] | None = None
+) -> None:
+    """Wait for the routes, send one small generation, and announce readiness (SGLang's flow);
+    `on_ready()` is called just before the announcement (it turns /health from 503 to 200)."""
     base = f"http://{host}:{args.port}"
     headers = {"Content-Type": "application/json"}
     if args.api_key:
@@ -85,17 +98,44 @@ def warmup(args: ServerArgs, host: str, is_embedding: bool = False) -> None:
     except Exception as e:  # noqa: BLE001
         logger.error("Warm-up request failed: %s", e)
         return
+    if on_ready is not None:
+        on_ready()
     logger.info("The server is fired up and ready to roll!")
+
+
+async def drain(engine) -> None:  # noqa: ANN001 - the Engine
+    """Wait (up to SHUTDOWN_DRAIN_S) until nothing is queued or running, then abort what is left."""
+
+    async def idle() -> bool:  # asked on the scheduler thread, between two steps
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, engine.is_idle, 5)
+        except TimeoutError:
+            return False
+
+    deadline = time.monotonic() + SHUTDOWN_DRAIN_S
+    while not await idle():
+        if time.monotonic() > deadline:
+            logger.info("Aborting the requests still running after %.0f s.", SHUTDOWN_DRAIN_S)
+            engine.abort_request(None)
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)  # the last responses go out before Sanic closes the connections
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     configure_logging(args)
+    if args.dp_size > 1:  # N servers of dp_size 1 behind sglang-router
+        from research_rt.data_parallel.launcher import run_data_parallel
+
+        sys.exit(run_data_parallel(args))
 
     from sanic.server.socket import bind_socket
 
     from research_rt.engine.engine import Engine
     from research_rt.loader.resolve import ModelNotFoundError, resolve_model_path
+    from research_rt.server import info
     from research_rt.server.app import create_app
     from research_rt.server.state import ServerState
 
@@ -121,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.context_len,
     )
     app = create_app(ServerState.create(engine, args), name="research_rt")
+    info.set_ready(app, False)  # /health: 503 until the warm-up request has run
     # SO_REUSEADDR: binds even while launch_server_cmd holds its (non-listening) reservation socket
     sock = bind_socket(args.host, args.port, backlog=1024)
     connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
@@ -129,11 +170,44 @@ def main(argv: list[str] | None = None) -> None:
     async def _start_warmup(app) -> None:  # noqa: ANN001 - Sanic listener signature
         logger.info("Serving on http://%s:%d", args.host, args.port)
         threading.Thread(
-            target=warmup, args=(args, connect_host, engine.is_embedding), daemon=True, name="warmup"
+            target=warmup,
+            args=(args, connect_host, engine.is_embedding, lambda: info.set_ready(app, True)),
+            daemon=True,
+            name="warmup",
         ).start()
 
+    @app.before_server_stop
+    async def _drain(app) -> None:  # noqa: ANN001 - Sanic listener signature
+        # SIGINT / SIGTERM: Sanic still listens while this runs, so a router polling /health sees
+        # 503 and stops sending here, while the requests already running finish
+        info.set_ready(app, False)
+        logger.info("Shutting down: /health answers 503; waiting for running requests.")
+        await drain(engine)
+        # close the (now idle) client connections while the loop still runs: Sanic's own wait for
+        # open connections after a stop fails under uvloop ("Event loop stopped before Future
+        # completed") and would turn a clean shutdown into exit status 1
+        for transport in list(transports):
+            if not transport.is_closing():
+                transport.close()
+        await asyncio.sleep(0.1)
+
+    transports: set = set()
+
+    @app.on_request
+    async def _track_connection(request) -> None:  # noqa: ANN001 - Sanic middleware signature
+        if request.transport is not None and request.transport not in transports:
+            if len(transports) >= 256:  # forget the closed ones
+                transports.difference_update([t for t in transports if t.is_closing()])
+            transports.add(request.transport)
+
     try:
-        app.run(sock=sock, single_process=True, access_log=args.log_requests, motd=False, auto_reload=False)
+        app.run(
+            sock=sock,
+            single_process=True,
+            access_log=args.log_requests,
+            motd=False,
+            auto_reload=False,
+        )
     finally:
         engine.shutdown()
 

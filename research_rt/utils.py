@@ -5,10 +5,15 @@ the import and the launch command:
     wait_for_server(f"http://localhost:{port}")
     ...
     terminate_process(server_process)
+
+With data parallelism (`--dp-size N`: N servers behind sglang-router) the router does not forward
+`/abort_request` or `/update_weights_from_disk`; `abort_request_all` and `update_weights_from_disk_all`
+send them to every worker, found through the router's `GET /workers` (or given as a list).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
@@ -139,3 +144,85 @@ def print_highlight(html_content: Any) -> None:
         except ImportError:
             pass
     print(f"\033[1;34m{html_content}\033[0m", flush=True)
+
+
+# ---------------------------------------------------------------- data parallel: every worker at once
+def list_workers(router_url: str, api_key: str | None = None) -> list[str]:
+    """The worker URLs sglang-router routes to (`GET {router_url}/workers`), in its order."""
+    req = urllib.request.Request(f"{router_url.rstrip('/')}/workers", headers=_auth(api_key))
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return [w["url"] for w in json.loads(resp.read())["workers"]]
+
+
+def broadcast(
+    path: str,
+    payload: dict[str, Any] | None,
+    router_url: str | None = None,
+    worker_urls: list[str] | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+) -> list[tuple[str, int, str]]:
+    """POST `payload` (JSON) to `path` on every worker, concurrently; `[(url, status, body text)]` in
+    worker order (status 0 and the error text when a worker could not be reached). The workers are
+    `worker_urls`, or those registered with the router at `router_url`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if worker_urls is None:
+        if router_url is None:
+            raise ValueError("Give router_url or worker_urls.")
+        worker_urls = list_workers(router_url, api_key)
+    data = json.dumps(payload if payload is not None else {}).encode()
+    headers = {"Content-Type": "application/json", **_auth(api_key)}
+
+    def send(url: str) -> tuple[str, int, str]:
+        req = urllib.request.Request(f"{url.rstrip('/')}{path}", data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return url, resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            return url, e.code, e.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as e:
+            return url, 0, str(e)
+
+    with ThreadPoolExecutor(max_workers=max(1, len(worker_urls))) as pool:
+        return list(pool.map(send, worker_urls))
+
+
+def abort_request_all(
+    router_url: str | None = None,
+    rid: str | None = None,
+    worker_urls: list[str] | None = None,
+    api_key: str | None = None,
+) -> list[tuple[str, int, str]]:
+    """Abort request `rid` (or, with no rid, every request) on every worker; only the worker that
+    holds `rid` has anything to abort, the others answer 200 all the same."""
+    payload = {"rid": rid} if rid else {"abort_all": True}
+    return broadcast("/abort_request", payload, router_url, worker_urls, api_key)
+
+
+def update_weights_from_disk_all(
+    model_path: str,
+    router_url: str | None = None,
+    load_format: str | None = None,
+    worker_urls: list[str] | None = None,
+    api_key: str | None = None,
+) -> list[dict[str, Any]]:
+    """`POST /update_weights_from_disk` on every worker at once; each worker's JSON answer
+    (`success`, `message`) with its `url` added. All workers succeed or the caller sees which failed."""
+    payload: dict[str, Any] = {"model_path": model_path}
+    if load_format is not None:
+        payload["load_format"] = load_format
+    results = []
+    for url, status, body in broadcast(
+        "/update_weights_from_disk", payload, router_url, worker_urls, api_key
+    ):
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = {"success": False, "message": body or f"HTTP {status}"}
+        results.append({"url": url, **answer})
+    return results
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -279,6 +279,10 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
             "num_free_tokens": s.num_free_tokens,
         }
 
+    def is_idle(self, timeout: float | None = None) -> bool:
+        """Whether nothing is queued or running (asked on the scheduler thread, between steps)."""
+        return bool(self.call_in_scheduler(self.scheduler.is_idle, timeout))
+
     def check_pool_integrity(self) -> None:
         """Assert no KV slot is lost (the scheduler must be idle)."""
         assert self.stats().kv_pool_whole, "the KV pool is not whole (see the log)"

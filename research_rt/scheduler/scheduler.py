@@ -247,4 +247,4 @@ class Scheduler(PauseMixin, SchedulerLoop):
         idle (call it on the scheduler thread, as `Engine.stats` does)."""
         whole = self.cache.pool_whole() if check_pool and self.is_idle() else None
         busy = len(self.running) + (self.chunked is not None)
-        return snapshot(self.cache, busy, len(self.waiting), self.counters, whole)
+        return snapshot(self.cache, busy, self.waiting, self.counters, whole)

@@ -48,6 +48,7 @@ class SchedulerStats:
     max_total_num_tokens: int
     cache_hit_rate: float
     last_gen_throughput: float
+    num_waiting_tokens: int = 0  # prompt tokens of the queued requests
     kv_pool_whole: bool | None = None  # integrity check when idle; None while busy or not checked
 
     @property
@@ -59,13 +60,14 @@ class SchedulerStats:
 
 
 def snapshot(
-    cache: Any, num_running: int, num_queue: int, counters: StepCounters, whole: bool | None
+    cache: Any, num_running: int, waiting: list[Any], counters: StepCounters, whole: bool | None
 ) -> SchedulerStats:
     """A decoder scheduler's figures from its CacheManager (`cache`) and counters."""
     pool, tree = cache.kv_pool, cache.tree
     return SchedulerStats(
         num_running_reqs=num_running,
-        num_queue_reqs=num_queue,
+        num_queue_reqs=len(waiting),
+        num_waiting_tokens=sum(len(r.input_ids) for r in waiting),
         num_used_tokens=cache.num_used_tokens(),
         num_free_tokens=pool.available_size(),
         num_cached_tokens=tree.evictable_size + tree.protected_size,

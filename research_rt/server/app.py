@@ -34,7 +34,7 @@ CORS_HEADERS = {
 
 def create_app(state: ServerState, name: str | None = None) -> Sanic:
     """A Sanic app serving `state.engine`; run it with `single_process=True` (one engine thread)."""
-    from research_rt.server import metrics, native, openai, profiler, research_api
+    from research_rt.server import info, metrics, native, openai, profiler, research_api
 
     app = Sanic(name or f"research_rt_{uuid.uuid4().hex[:8]}", configure_logging=False)
     app.ctx.state = state
@@ -44,6 +44,7 @@ def create_app(state: ServerState, name: str | None = None) -> Sanic:
     app.config.TOUCHUP = False
     app.config.MOTD = False
     native.register(app)
+    info.register(app)
     openai.register(app)
     profiler.register(app)
     research_api.register(app)  # tokenize, score, RL refit (SGLang 0.5's endpoints)

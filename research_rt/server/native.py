@@ -1,20 +1,16 @@
 """SGLang's native endpoints: /generate, /encode and /classify, info, health, cache, weights, abort,
-and the expert-distribution recorder."""
+and the expert-distribution recorder. Info routes answer under both names (/get_server_info and
+/server_info, /get_model_info and /model_info): sglang-router 0.3 asks for the new ones."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
-import time
-import uuid
 from typing import Any
 
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, json, raw, text
 
-import research_rt
 from research_rt.core.errors import RequestError
 from research_rt.engine.engine import GenerateEvent
 from research_rt.frontend.embedding_input import NOT_EMBEDDING, NOT_GENERATION, EmbeddingInput
@@ -34,7 +30,6 @@ FLUSH_CACHE_TEXT = (
     "Cache flushed.\nPlease check backend logs for more details. "
     "(When there are running or waiting requests, the operation will not be performed.)\n"
 )
-HEALTH_CHECK_TIMEOUT = 20.0
 
 
 def _state(request: Request) -> ServerState:
@@ -76,79 +71,6 @@ async def stream_generate(
         return [resp]
 
     await stream_events(request, state.generate(obj, incremental), render, lambda e: error_body(e.message))
-
-
-async def get_model_info(request: Request) -> HTTPResponse:
-    state = _state(request)
-    return json(
-        {
-            "model_path": state.model_path,
-            "tokenizer_path": state.server_args.tokenizer_path,
-            "is_generation": not state.server_args.is_embedding,
-        }
-    )
-
-
-async def get_server_info(request: Request) -> HTTPResponse:
-    """Server args + pool sizes + version + live scheduler figures (v0.4.5 merges them at top level)."""
-    state = _state(request)
-    engine = state.engine
-    info = {f.name: getattr(state.server_args, f.name) for f in dataclasses.fields(state.server_args)}
-    info.pop("extra", None)
-    info.update(
-        max_total_num_tokens=engine.max_total_num_tokens,
-        max_req_input_len=engine.max_req_input_len,
-        context_len=engine.context_len,
-        max_running_requests=info["max_running_requests"] or engine.max_running_requests,
-        version=research_rt.__version__,
-        attention_backend=state.server_args.attention_backend or "torch_native",
-        sampling_backend=state.server_args.sampling_backend or "pytorch",
-        weight_version=engine.weight_version,  # live: /update_weight_version changes it
-    )
-    info.update(await state.live_stats())
-    return json(info)
-
-
-async def get_load(request: Request) -> HTTPResponse:
-    return json(_state(request).engine.get_load())
-
-
-async def health(request: Request) -> HTTPResponse:
-    return raw(b"", status=200, content_type="text/plain; charset=utf-8")
-
-
-async def health_generate(request: Request) -> HTTPResponse:
-    """200 as soon as a one-token generation produces any output, 503 otherwise (20 s)."""
-    state = _state(request)
-    if state.engine.is_embedding:  # SGLang sends EmbeddingReqInput(input_ids=[0])
-        try:
-            await asyncio.wait_for(
-                state.encode(EmbeddingInput(input_ids=[0], log_metrics=False)), HEALTH_CHECK_TIMEOUT
-            )
-            ok = True
-        except Exception:  # noqa: BLE001 - any failure is "unhealthy"
-            logger.exception("health_generate failed")
-            ok = False
-        return raw(b"", status=200 if ok else 503, content_type="text/plain; charset=utf-8")
-    obj = GenerateInput(
-        input_ids=[0],
-        sampling_params={"max_new_tokens": 1, "temperature": 0},
-        rid=f"HEALTH_CHECK_{time.time()}_{uuid.uuid4().hex[:8]}",
-        log_metrics=False,
-    )
-
-    async def one_output() -> bool:
-        async with contextlib.aclosing(state.generate(obj)) as events:
-            async for _ in events:
-                return True
-        return False
-
-    try:
-        ok = await asyncio.wait_for(one_output(), HEALTH_CHECK_TIMEOUT)
-    except Exception:  # noqa: BLE001 - any failure is "unhealthy"
-        logger.exception("health_generate failed")
-        ok = False
-    return raw(b"", status=200 if ok else 503, content_type="text/plain; charset=utf-8")
 
 
 async def flush_cache(request: Request) -> HTTPResponse:
@@ -257,12 +179,6 @@ async def expert_distribution(request: Request) -> HTTPResponse:
 
 def register(app: Sanic) -> None:
     app.add_route(generate, "/generate", methods=["POST", "PUT"])
-    app.add_route(get_model_info, "/get_model_info", methods=["GET"])
-    app.add_route(get_server_info, "/get_server_info", methods=["GET"])
-    app.add_route(get_load, "/get_load", methods=["GET"])
-    app.add_route(health, "/health", methods=["GET"])
-    app.add_route(health, "/ping", methods=["GET"], name="ping")
-    app.add_route(health_generate, "/health_generate", methods=["GET"])
     app.add_route(flush_cache, "/flush_cache", methods=["GET", "POST"])
     app.add_route(update_weights, "/update_weights_from_disk", methods=["POST"])
     app.add_route(update_weights, "/update_weights", methods=["POST"], name="update_weights_alias")

@@ -146,7 +146,7 @@ def _raw_request(server, body: dict) -> socket.socket:
 
 def _wait_running(server, n: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while requests.get(server.base_url + "/get_load").json()["num_running_reqs"] < n:
+    while requests.get(server.base_url + "/get_load").json()[0]["num_running_reqs"] < n:
         assert time.monotonic() < deadline
         time.sleep(0.02)
 

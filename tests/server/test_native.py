@@ -179,7 +179,7 @@ def test_health(server):
     assert requests.get(server.base_url + "/health").status_code == 200
     r = requests.get(server.base_url + "/health_generate")
     assert r.status_code == 200 and r.text == ""
-    assert requests.get(server.base_url + "/get_load").json()["num_running_reqs"] == 0
+    assert requests.get(server.base_url + "/get_load").json()[0]["num_running_reqs"] == 0
 
 
 def test_flush_cache(server):
@@ -194,7 +194,7 @@ def test_flush_cache(server):
         lines = stream.iter_lines()
         next(lines)
         deadline = time.monotonic() + 5
-        while requests.get(server.base_url + "/get_load").json()["num_running_reqs"] == 0:
+        while requests.get(server.base_url + "/get_load").json()[0]["num_running_reqs"] == 0:
             assert time.monotonic() < deadline, "the long request is not running"
             time.sleep(0.05)
         r = requests.post(server.base_url + "/flush_cache")
@@ -219,7 +219,7 @@ def test_abort_request(server):
     t = threading.Thread(target=run)
     t.start()
     deadline = time.monotonic() + 10
-    while requests.get(server.base_url + "/get_load").json()["num_running_reqs"] == 0:
+    while requests.get(server.base_url + "/get_load").json()[0]["num_running_reqs"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert post(server, "/abort_request", {"rid": "to-abort"}).status_code == 200
