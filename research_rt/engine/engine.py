@@ -91,7 +91,13 @@ class Engine(EncodeMixin, InstrumentsMixin):
             self.max_running_requests = self.runner.max_running_requests
             stop_ids = eos_token_ids(self.config, self.tokenizer, generation_eos(self.source))
             self.builder = RequestBuilder(
-                self.tokenizer, args, self.config, self.context_len, self.max_total_num_tokens, stop_ids
+                self.tokenizer,
+                args,
+                self.config,
+                self.context_len,
+                self.max_total_num_tokens,
+                stop_ids,
+                shape=getattr(self.runner, "intervention_shape", None),
             )
             self.max_req_input_len = self.builder.max_req_input_len
             self.scheduler = (

@@ -9,9 +9,11 @@ from typing import Any
 import torch
 
 from research_rt.core.errors import RequestError
+from research_rt.core.interventions import CaptureStore, InterventionShape
 from research_rt.core.req import Req
 from research_rt.core.sampling_params import SamplingParams
 from research_rt.frontend.generate_input import GenerateInput
+from research_rt.frontend.interventions import InterventionParser, for_item
 from research_rt.sampling.custom_logit_processor import DISABLED_MESSAGE, load_processor
 from research_rt.sampling.grammar import GrammarBackend, GrammarState
 
@@ -32,7 +34,14 @@ def eos_token_ids(config: Any, tokenizer: Any, generation_eos: Any = None) -> fr
 
 class RequestBuilder:
     def __init__(
-        self, tokenizer: Any, args, config: Any, context_len: int, pool_size: int, stop_ids: frozenset[int]
+        self,
+        tokenizer: Any,
+        args,
+        config: Any,
+        context_len: int,
+        pool_size: int,
+        stop_ids: frozenset[int],
+        shape: InterventionShape | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.args = args
@@ -43,6 +52,7 @@ class RequestBuilder:
         self.stop_ids = stop_ids
         self.rng = random.Random(args.random_seed)
         self.grammar = GrammarBackend(tokenizer, self.vocab_size, stop_ids)  # compiles on first use
+        self.interventions = InterventionParser(args, shape)
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -150,6 +160,14 @@ class RequestBuilder:
         given = obj.per_item("token_ids_logprob", i, bs) or None
         if given is not None and any(not 0 <= t < self.vocab_size for t in given):
             raise RequestError("token_ids_logprob has a token id outside the vocabulary.")
+        spec = self.interventions.parse(
+            for_item(obj.capture, dict, i, bs, "capture"),
+            for_item(obj.steer, list, i, bs, "steer"),
+            for_item(obj.ablate, list, i, bs, "ablate"),
+            bool(obj.return_hidden_states),
+            n,
+            sp.max_new_tokens,
+        )
         seed = sp.sampling_seed if sp.sampling_seed is not None else self.rng.randrange(1 << 62)
         gen = torch.Generator().manual_seed(int(seed))
         return Req(
@@ -165,7 +183,13 @@ class RequestBuilder:
             stop_ids=self.stop_ids,
             logit_processor=obj.logit_processor,
             generator=gen,
+            interventions=spec,
+            captured=None if spec is None else CaptureStore(last_only=_last_only(spec)),
         )
+
+
+def _last_only(spec) -> bool:
+    return spec.capture is not None and spec.capture.positions == "last"
 
 
 def _copy_sampling(sp: SamplingParams, j: int) -> SamplingParams:
