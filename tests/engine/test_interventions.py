@@ -286,3 +286,27 @@ def test_capture_byte_limit(tiny_llama_dir):
         assert ok["meta_info"]["captured"][0]["shape"] == [1, 64]  # 256 bytes
         with pytest.raises(RequestError, match="over this server's limit of 4096 bytes"):
             e.generate(input_ids=A, sampling_params=G, capture={"layers": [0, 1]})  # 13 x 2 x 256 bytes
+
+
+def test_mixed_chunks_and_small_chunks_agree(engine, tiny_llama_dir):
+    """With 4-token prefill chunks and decodes riding in prefill forwards (--enable-mixed-chunk),
+    a steered request and a capturing one get the tokens and activations of the default engine."""
+    cap = {"layers": [0, 1], "sites": ["resid_post"]}
+    steer = [{"layer": 0, "site": "attn_out", "vector": [0.3] * 64, "scale": 2.0}]
+    kwargs = dict(sampling_params=G, capture=cap, steer=[steer, None, steer])
+    ref = engine.generate(input_ids=[A, B, B[:5]], **kwargs)
+    with research_rt.Engine(
+        str(tiny_llama_dir),
+        dtype="float32",
+        enable_interventions=True,
+        enable_mixed_chunk=True,
+        chunked_prefill_size=4,
+    ) as mixed:
+        outs = mixed.generate(input_ids=[A, B, B[:5]], **kwargs)
+        mixed.check_pool_integrity()
+        assert mixed.call_in_scheduler(lambda: mixed.scheduler.counters.num_mixed_steps) > 0
+    for mine, theirs in zip(outs, ref):
+        assert mine["output_ids"] == theirs["output_ids"]
+        for key, (pos, data) in captured(mine).items():
+            assert captured(theirs)[key][0] == pos
+            np.testing.assert_allclose(data, captured(theirs)[key][1], atol=1e-4)
