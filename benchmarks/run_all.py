@@ -47,12 +47,14 @@ def main() -> None:
         "--server-args=--enable-torch-compile",
     )
     grammar = run("benchmarks.bench_grammar", "--batch-sizes", "1,8")
+    interventions = run("benchmarks.bench_interventions")
     results = {
         "single_stream_tok_s": single,
         "latency": latency,
         "offline": offline,
         "serving": serving,
         "grammar": grammar,
+        "interventions": interventions,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
@@ -89,6 +91,17 @@ def main() -> None:
                 f"| grammar {row['mode']} (batch {row['batch']}): mask cost per step | "
                 f"{row['mask_ms_per_step']:.2f} ms | | |"
             )
+    iv = interventions
+    lines += [
+        "| interventions, 1 stream (tok/s): plain / capture last / capture all / steer / ablate | "
+        + " / ".join(
+            f"{iv[f'{k} (tok/s)']:.1f}" for k in ("plain", "capture last", "capture all", "steer", "ablate")
+        )
+        + f" | plain eager {iv['plain eager (tok/s)']:.1f}, interventions off {iv['plain, interventions off (tok/s)']:.1f}"
+        + f" | steer +{iv['steer: extra ms per token vs compiled']:.1f} ms/token |",
+        f"| interventions, batch 8 (tok/s): plain / one request steers | {iv['batch 8 plain (tok/s)']:.1f} / "
+        f"{iv['batch 8, one steers (tok/s)']:.1f} | | |",
+    ]
     print("\n".join(lines))
     (OUT / "table.md").write_text("\n".join(lines) + "\n")
     try:

@@ -82,11 +82,14 @@ class ServerArgs:
 
     # Features
     enable_custom_logit_processor: bool = False
+    enable_return_hidden_states: bool = False  # allow `return_hidden_states` requests (SGLang's flag)
     tp_size: int = 1
     dp_size: int = 1
 
     # research_rt extras
     decode_log_interval: int = 40
+    enable_interventions: bool = False  # allow /generate's capture, steer and ablate fields
+    intervention_max_capture_bytes: int = 64 << 20  # per request, counted as float32 before encoding
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     # Accepted for SGLang compatibility only: research_rt ignores these; the Engine logs a warning

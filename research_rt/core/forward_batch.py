@@ -30,7 +30,9 @@ class ForwardBatch:
     attn_metadata: Any = None
     kv_pool: Any = None
     attn_backend: Any = None
-    capture_hidden: bool = False
+    # per-row capture / steer / ablate tensors (models/layers/intervention.py) when some request
+    # asks for them, else None: such batches run eager, never the compiled decode step
+    interventions: Any = None
     expert_recorder: Any = None  # ExpertDistributionRecorder while recording, else None
     # a mixed chunk (--enable-mixed-chunk): one-token decodes after the EXTEND tokens, with their
     # own DECODE metadata; the attention backend runs them through its decode path

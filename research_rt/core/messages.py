@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from research_rt.core.interventions import CapturedEntry
 from research_rt.core.req import FinishReason, Req
 
 
@@ -88,6 +89,7 @@ class ReqOutput:
     logprobs: LogprobsSnapshot | None = None
     hidden_states: list[Any] | None = None
     embedding: list[float] | None = None
+    captured: tuple[CapturedEntry, ...] | None = None  # the request's `capture`, once finished
     error: tuple[str, int] | None = None  # (message, HTTP status) of an abort meant as a client error
 
     @property
@@ -124,7 +126,21 @@ class ReqOutput:
             created=req.created,
             text=text,
             logprobs=logprobs,
-            hidden_states=list(req.hidden_states) if req.return_hidden_states else None,
+            hidden_states=_hidden_states(req),
             embedding=req.embedding,
+            captured=_captured(req),
             error=req.error,
         )
+
+
+def _hidden_states(req: Req) -> list[Any] | None:
+    if not req.return_hidden_states:
+        return None
+    return req.captured.hidden_states(len(req.input_ids)) if req.captured is not None else []
+
+
+def _captured(req: Req) -> tuple[CapturedEntry, ...] | None:
+    spec = req.interventions
+    if not req.finished or spec is None or spec.capture is None or req.captured is None:
+        return None
+    return req.captured.entries(spec.capture)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from research_rt.core.interventions import CaptureStore, InterventionSpec
 from research_rt.core.sampling_params import SamplingParams
 
 
@@ -60,6 +61,8 @@ class Req:
     embedding: list[float] | None = None
     stream: bool = False  # report after every step (else: after the first token, and when finished)
     priority: int | None = None  # with --enable-priority-scheduling (scheduler/priority.py); None: 0
+    interventions: InterventionSpec | None = None  # capture / steer / ablate (core/interventions.py)
+    captured: CaptureStore | None = None  # what the forwards captured for it (with interventions)
 
     output_ids: list[int] = field(default_factory=list)
     finished_reason: FinishReason | None = None
@@ -80,7 +83,6 @@ class Req:
     output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     output_token_ids_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    hidden_states: list[Any] = field(default_factory=list)
 
     generator: torch.Generator | None = None
     created: float = field(default_factory=time.monotonic)

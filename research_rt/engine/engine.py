@@ -96,8 +96,15 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
             self.max_total_num_tokens = self.runner.max_total_num_tokens
             self.max_running_requests = self.runner.max_running_requests
             stop_ids = eos_token_ids(self.config, self.tokenizer, generation_eos(self.source))
+            shape = getattr(self.runner, "intervention_shape", None)  # what interventions may address
             self.builder = RequestBuilder(
-                self.tokenizer, args, self.config, self.context_len, self.max_total_num_tokens, stop_ids
+                self.tokenizer,
+                args,
+                self.config,
+                self.context_len,
+                self.max_total_num_tokens,
+                stop_ids,
+                shape,
             )
             self.max_req_input_len = self.builder.max_req_input_len
             self.vocab_size = self.builder.vocab_size
@@ -268,16 +275,6 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
     def load(self) -> SchedulerStats:
         """The same figures read without waiting for the scheduler (no integrity check)."""
         return self.scheduler.stats()
-
-    def get_load(self) -> dict[str, Any]:
-        s = self.load()
-        return {
-            "num_running_reqs": s.num_running_reqs,
-            "num_waiting_reqs": s.num_queue_reqs,
-            "num_used_tokens": s.num_used_tokens,
-            "num_cached_tokens": s.num_cached_tokens,
-            "num_free_tokens": s.num_free_tokens,
-        }
 
     def is_idle(self, timeout: float | None = None) -> bool:
         """Whether nothing is queued or running (asked on the scheduler thread, between steps)."""

@@ -21,6 +21,7 @@ from research_rt.core.req import Req
 from research_rt.executor.attention import create_backend
 from research_rt.executor.expert_distribution import ExpertDistributionRecorder
 from research_rt.executor.graph_runner import DecodeGraphRunner
+from research_rt.executor.interventions import Segment, build_interventions, collect_captures
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
 from research_rt.models.layers.quant import quantize_model
@@ -50,6 +51,8 @@ class ModelRunner:
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.weight_quant = WeightOnlyConfig.parse(args.torchao_config)
         self._quantize()
+        shape_of = getattr(self.model, "intervention_shape", None)
+        self.intervention_shape = shape_of() if shape_of is not None else None  # None: not supported
         spec = self.model.kv_spec()
         self.num_layers, self.kv_heads, self.head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         self.max_total_num_tokens = self._pool_size()
@@ -117,14 +120,14 @@ class ModelRunner:
         mode: ForwardMode,
         items: list[StepInput],
         out_cache_loc: torch.Tensor,
-        capture_hidden: bool = False,
         decode_items: list[StepInput] | None = None,
     ) -> ForwardBatch:
         """The ForwardBatch for `items` (their KV slots in `out_cache_loc`). `decode_items` (EXTEND
         only: a mixed chunk) are one-token decodes appended after the extend tokens; their slots are
-        already in their request rows at position `start`."""
+        already in their request rows at position `start`. Requests with interventions put their
+        per-row tensors in `batch.interventions`."""
         if decode_items:
-            batch = self.make_batch(mode, items, out_cache_loc, capture_hidden)
+            batch = self.make_batch(mode, items, out_cache_loc)
             dec_loc = torch.stack(
                 [self.req_to_token.table[it.req.req_pool_row, it.start] for it in decode_items]
             )
@@ -133,6 +136,7 @@ class ModelRunner:
             batch.positions = torch.cat([batch.positions, decode.positions])
             batch.out_cache_loc = torch.cat([batch.out_cache_loc, decode.out_cache_loc])
             batch.mixed_decode = decode
+            batch.interventions = self._interventions([*items, *decode_items])
             return batch
         if mode is ForwardMode.DECODE:  # the one new token is the last of fill_ids
             ids = [(it.req.output_ids or it.req.input_ids)[-1] for it in items]
@@ -160,7 +164,7 @@ class ModelRunner:
             attn_metadata=metadata,
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
-            capture_hidden=capture_hidden,
+            interventions=self._interventions(items),
             expert_recorder=self.expert_recorder
             if self.expert_recorder and self.expert_recorder.recording
             else None,
@@ -171,17 +175,30 @@ class ModelRunner:
         """Run the model; return (logits for `logit_rows` of the flat tokens, their hidden states).
 
         DECODE batches go through the compiled / graph-captured step when one exists (hidden states
-        are then not returned: a batch that wants them runs eager)."""
+        are then not returned); a batch with interventions runs eager, and what its requests
+        capture goes to their stores."""
         if (
             self.graph_runner is not None
-            and not batch.capture_hidden
+            and batch.interventions is None
             and batch.expert_recorder is None  # recording runs eager so the layers see the recorder
             and self.graph_runner.can_run(batch)
         ):
             return self.graph_runner.run(batch)[logit_rows.to(self.device)].float().cpu(), None
         hidden = self.model(batch.input_ids, batch.positions, batch)
+        if batch.interventions is not None:
+            collect_captures(batch.interventions, hidden, self.model)
         selected = hidden[logit_rows.to(hidden.device)]
         return self.model.compute_logits(selected).cpu(), selected
+
+    def _interventions(self, items: list[StepInput]):
+        segments, row = [], 0
+        for it in items:
+            if it.req.interventions is not None:
+                segments.append(Segment(it.req.interventions, it.req.captured, row, it.start, it.length))
+            row += it.length
+        if not segments:
+            return None
+        return build_interventions(segments, self.intervention_shape, self.device, self.dtype)
 
     def pool(self, hidden: torch.Tensor) -> list[float]:
         """An embedding request's output from its last token's final hidden state: the model's own

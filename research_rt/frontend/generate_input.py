@@ -42,6 +42,10 @@ class GenerateInput:
     custom_logit_processor: str | None = None
     priority: int | list[int] | None = None  # with --enable-priority-scheduling (scheduler/priority.py)
     logit_processor: Any = None  # offline Engine only: a Python callable(logits_row, req)
+    # interventions (frontend/interventions.py; need --enable-interventions)
+    capture: dict[str, Any] | list[dict[str, Any] | None] | None = None
+    steer: list[Any] | None = None
+    ablate: list[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     _parsed: tuple[list[Any], bool] | None = field(default=None, init=False, repr=False, compare=False)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from research_rt.core.errors import RequestError
+from research_rt.core.interventions import CaptureStore, InterventionShape
 from research_rt.core.req import Req
 from research_rt.core.sampling_params import SamplingParams
 from research_rt.frontend.generate_input import (
@@ -17,6 +18,7 @@ from research_rt.frontend.generate_input import (
     MAX_TOKEN_IDS_LOGPROB,
     GenerateInput,
 )
+from research_rt.frontend.interventions import InterventionParser, for_item
 from research_rt.sampling.custom_logit_processor import DISABLED_MESSAGE, load_processor
 from research_rt.sampling.grammar import GrammarBackend, GrammarState
 
@@ -37,7 +39,14 @@ def eos_token_ids(config: Any, tokenizer: Any, generation_eos: Any = None) -> fr
 
 class RequestBuilder:
     def __init__(
-        self, tokenizer: Any, args, config: Any, context_len: int, pool_size: int, stop_ids: frozenset[int]
+        self,
+        tokenizer: Any,
+        args,
+        config: Any,
+        context_len: int,
+        pool_size: int,
+        stop_ids: frozenset[int],
+        shape: InterventionShape | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.args = args
@@ -48,6 +57,7 @@ class RequestBuilder:
         self.stop_ids = stop_ids
         self.rng = random.Random(args.random_seed)
         self.grammar = GrammarBackend(tokenizer, self.vocab_size, stop_ids)  # compiles on first use
+        self.interventions = InterventionParser(args, shape)
 
     # ---------------------------------------------------------------- requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -213,6 +223,14 @@ class RequestBuilder:
             )
         if given is not None and any(not _is_int(t) or not 0 <= t < self.vocab_size for t in given):
             raise RequestError("token_ids_logprob has a token id outside the vocabulary.")
+        spec = self.interventions.parse(
+            for_item(obj.capture, dict, i, bs, "capture"),
+            for_item(obj.steer, list, i, bs, "steer"),
+            for_item(obj.ablate, list, i, bs, "ablate"),
+            bool(obj.return_hidden_states),
+            n,
+            sp.max_new_tokens,
+        )
         seed = sp.sampling_seed if sp.sampling_seed is not None else self.rng.randrange(1 << 62)
         gen = torch.Generator().manual_seed(int(seed))
         return Req(
@@ -228,6 +246,8 @@ class RequestBuilder:
             stop_ids=self.stop_ids,
             logit_processor=obj.logit_processor,
             generator=gen,
+            interventions=spec,
+            captured=None if spec is None else CaptureStore(last_only=_last_only(spec)),
         )
 
 
@@ -242,6 +262,10 @@ def _logprob_entries(req: Req) -> int:
     per_position = req.top_logprobs_num + len(req.token_ids_logprob or ())
     positions = len(req.input_ids) - req.logprob_start_len + (req.sampling.max_new_tokens or 0)
     return per_position * positions
+
+
+def _last_only(spec) -> bool:
+    return spec.capture is not None and spec.capture.positions == "last"
 
 
 def _copy_sampling(sp: SamplingParams, j: int) -> SamplingParams:

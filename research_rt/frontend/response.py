@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
+import numpy as np
+
+from research_rt.core.interventions import CapturedEntry
 from research_rt.core.messages import ReqOutput
 
 
@@ -45,6 +49,8 @@ def generate_response(
     meta["cached_tokens"] = out.cached_tokens
     if out.hidden_states is not None:
         meta["hidden_states"] = out.hidden_states
+    if out.captured is not None:
+        meta["captured"] = [captured_json(e, tokenizer) for e in out.captured]
     if out.finished:
         meta["e2e_latency"] = out.e2e_latency
     resp: dict[str, Any] = {}
@@ -55,6 +61,38 @@ def generate_response(
         resp["token_ids"] = resp["output_ids"]
     resp["meta_info"] = meta
     return resp
+
+
+def captured_json(entry: CapturedEntry, tokenizer: Any) -> dict[str, Any]:
+    """`{"layer", "site", "positions", "shape", "dtype", "data"}`: `data` base64 of little-endian
+    float32 (row-major), or nested lists with `"format": "list"`. Logit-lens entries hold the top-k
+    log-probabilities per position, with their `token_ids` (and `tokens`, with a tokenizer)."""
+    data = entry.data.float()
+    out: dict[str, Any] = {
+        "layer": entry.layer,
+        "site": entry.site,
+        "positions": list(entry.positions),
+        "shape": list(data.shape),
+        "dtype": "float32",
+    }
+    if entry.format == "list":
+        out["data"] = data.tolist()
+    else:
+        out["data"] = base64.b64encode(data.numpy().astype("<f4").tobytes()).decode("ascii")
+    if entry.token_ids is not None:
+        ids = entry.token_ids.tolist()
+        out["token_ids"] = ids
+        if tokenizer is not None:
+            out["tokens"] = [[tokenizer.decode([t]) for t in row] for row in ids]
+    return out
+
+
+def decode_captured(entry: dict[str, Any]) -> np.ndarray:
+    """A `meta_info["captured"]` entry's data as a float32 array of its shape (either format)."""
+    data = entry["data"]
+    if isinstance(data, str):
+        return np.frombuffer(base64.b64decode(data), dtype="<f4").reshape(entry["shape"])
+    return np.asarray(data, dtype=np.float32).reshape(entry["shape"])
 
 
 def embedding_response(out: ReqOutput, weight_version: str | None = None) -> dict[str, Any]:

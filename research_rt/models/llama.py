@@ -14,26 +14,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from research_rt.core.forward_batch import ForwardBatch
+from research_rt.core.interventions import InterventionShape
 from research_rt.models.layers import Attention, RMSNorm, RotaryEmbedding
+from research_rt.models.layers.intervention import ablate_heads, ablate_neurons, intervene
 from research_rt.models.layers.linear import Linear, linear
 from research_rt.models.protocol import KVSpec
 from research_rt.models.registry import register_model
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, bias: bool = False, layer_id: int = -1
+    ) -> None:
         super().__init__()
+        self.layer_id = layer_id
+        self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(ablate_neurons(batch, self.layer_id, F.silu(gate) * up))
 
 
 class DecoderAttention(nn.Module):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -54,23 +61,38 @@ class DecoderAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary[0](positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch))
+        o = ablate_heads(batch, self.layer_id, self.attn(q, k, v, batch), self.num_heads)
+        return self.o_proj(o)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, qkv_bias: bool, qk_norm: bool) -> None:
         super().__init__()
+        self.layer_id = layer_id
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = DecoderAttention(config, layer_id, rotary, qkv_bias, qk_norm)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = self.build_mlp(config, layer_id)
 
     def build_mlp(self, config, layer_id: int) -> nn.Module:
-        return DecoderMLP(config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False))
+        return DecoderMLP(
+            config.hidden_size, config.intermediate_size, getattr(config, "mlp_bias", False), layer_id
+        )
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # each `intervene` returns its input unless a request of the batch steers or captures there
+        n = self.layer_id
+        x = intervene(batch, n, "resid_pre", x)
+        attn = intervene(batch, n, "attn_out", self.attn_block(positions, x, batch))
+        x = intervene(batch, n, "resid_mid", x + attn)
+        mlp = intervene(batch, n, "mlp_out", self.mlp_block(x, batch))
+        return intervene(batch, n, "resid_post", x + mlp)
+
+    def attn_block(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.self_attn(positions, self.input_layernorm(x), batch)
+
+    def mlp_block(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.mlp(self.post_attention_layernorm(x), batch)
 
 
 class DecoderModel(nn.Module):
@@ -125,6 +147,22 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return linear(hidden, weight).float()
+
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A layer's residual stream read as the output: through the final norm and the LM head."""
+        return self.compute_logits(self.model.norm(hidden))
+
+    def intervention_shape(self) -> InterventionShape:
+        layers = self.model.layers
+        return InterventionShape(
+            num_layers=len(layers),
+            hidden_size=self.config.hidden_size,
+            num_heads=layers[0].self_attn.num_heads,
+            intermediate_sizes=tuple(
+                layer.mlp.intermediate_size if isinstance(layer.mlp, DecoderMLP) else 0 for layer in layers
+            ),
+            vocab_size=self.config.vocab_size,
+        )
 
     def kv_spec(self) -> KVSpec:
         attn = self.model.layers[0].self_attn.attn

@@ -22,12 +22,11 @@ from research_rt.models.registry import register_model
 class MoEDecoderLayer(DecoderLayer):
     """A decoder layer whose MLP may be a SparseMoeBlock (it then gets the batch's recorder)."""
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), batch)
+    def mlp_block(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, SparseMoeBlock):
-            return x + self.mlp(h, batch.expert_recorder)
-        return x + self.mlp(h)
+            return self.mlp(h, batch.expert_recorder)
+        return self.mlp(h, batch)
 
 
 class MoEWeightsMixin:
@@ -79,7 +78,7 @@ class Qwen2MoeDecoderLayer(MoEDecoderLayer):
             config.num_experts > 0 and (layer_id + 1) % config.decoder_sparse_step == 0
         )
         if not sparse:
-            return DecoderMLP(config.hidden_size, config.intermediate_size)
+            return DecoderMLP(config.hidden_size, config.intermediate_size, layer_id=layer_id)
         shared_size = getattr(config, "shared_expert_intermediate_size", 0)
         return SparseMoeBlock(
             layer_id,

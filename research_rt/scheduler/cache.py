@@ -11,6 +11,9 @@ KV ownership (radix_cache.py lists the four states of a slot):
   computed tokens over too. Slots the cache already had (computed twice by concurrent requests)
   are freed, and so are the slots the cache does not keep (all of them with a `NoPrefixCache`);
   the lock is released and the row freed.
+A request whose interventions change activations (steer, ablate) is kept apart: it matched no
+prefix at admission (prefill.py) and its computed tokens are never inserted; they are freed when
+it finishes or is retracted.
 """
 
 from __future__ import annotations
@@ -77,6 +80,11 @@ class CacheManager:
         row = req.req_pool_row
         if row < 0:
             return
+        if req.interventions is not None and req.interventions.changes_kv:
+            if finished:
+                self.kv_pool.free(self.req_to_token.table[row, req.cache_protected_len : req.kv_len].clone())
+                self._release(req)
+            return
         tokens = req.fill_ids[: req.kv_len]
         slots = self.req_to_token.table[row, : req.kv_len].clone()
         already = self.tree.insert(tokens, slots)
@@ -84,14 +92,17 @@ class CacheManager:
         kept, node = self.tree.match_prefix(tokens)
         if finished:
             self.kv_pool.free(slots[len(kept) :])
-            self.tree.dec_lock_ref(req.last_node)
-            self.req_to_token.free(row)
-            req.req_pool_row, req.kv_len, req.cache_protected_len, req.last_node = -1, 0, 0, None
+            self._release(req)
             return
         self.req_to_token.table[row, : len(kept)] = kept
         self.tree.dec_lock_ref(req.last_node)
         self.tree.inc_lock_ref(node)
         req.last_node, req.cache_protected_len = node, len(kept)
+
+    def _release(self, req: Req) -> None:
+        self.tree.dec_lock_ref(req.last_node)
+        self.req_to_token.free(req.req_pool_row)
+        req.req_pool_row, req.kv_len, req.cache_protected_len, req.last_node = -1, 0, 0, None
 
     def pool_whole(self) -> bool:
         """The integrity check for an idle scheduler: free + cached slots make the whole pool, none

@@ -99,13 +99,10 @@ class OutputProcessor:
             self.on_output(outs)
 
 
-def record_prefill(req: Req, logits: torch.Tensor, lp_rows: list[int], hidden: torch.Tensor | None) -> None:
-    """After a prefill chunk: its input logprobs (`logits` rows at prompt positions `lp_rows`)
-    and its hidden states, when the request asked for them."""
+def record_prefill(req: Req, logits: torch.Tensor, lp_rows: list[int]) -> None:
+    """After a prefill chunk: its input logprobs (`logits` rows at prompt positions `lp_rows`)."""
     if lp_rows or (req.return_logprob and not req.is_retracted and not req.input_token_logprobs):
         record_input_logprobs(req, logits, lp_rows)
-    if hidden is not None:
-        req.hidden_states.append(hidden.float().tolist())
 
 
 def final_text(req: Req, detok: IncrementalDetokenizer) -> str:

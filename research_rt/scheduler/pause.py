@@ -49,6 +49,5 @@ def _restart_prefill(req: Req) -> None:
         req.input_token_logprobs,
         req.input_top_logprobs,
         req.input_token_ids_logprobs,
-        req.hidden_states,
-    ):
+    ):  # captured activations need no reset: a recomputed position overwrites its row
         acc.clear()

@@ -9,6 +9,8 @@ Budgets for one step:
 Admitting a request matches its longest cached prefix and locks it (cache.py). With
 `--enable-priority-scheduling` the queue is taken most urgent first, and a request that does not
 fit may preempt less urgent running ones (priority.py has the rule).
+A request that steers or ablates matches nothing (its KV differs from a plain run's, and cache.py
+never inserts it); one that captures matches at most up to its first captured position.
 """
 
 from __future__ import annotations
@@ -60,10 +62,14 @@ def decode_reserve(running: list[Req], ratio: float) -> int:
 
 def max_prefix_len(req: Req) -> int:
     """How much of fill_ids may come from the cache: all but one token, and, when input logprobs
-    are wanted, nothing past logprob_start_len (those positions must be computed)."""
+    are wanted, nothing past logprob_start_len, and with interventions what their spec allows
+    (positions to capture must be computed; a steered prefix must not come from a plain run)."""
     n = req.seq_len - 1
     if req.return_logprob and not req.is_retracted:
         n = min(n, max(req.logprob_start_len, 0))
+    limit = req.interventions.max_cached_prefix() if req.interventions is not None else None
+    if limit is not None:
+        n = min(n, limit)
     return max(n, 0)
 
 

@@ -138,7 +138,6 @@ class Scheduler(PauseMixin, SchedulerLoop):
             ForwardMode.EXTEND,
             [StepInput(it.req, it.start, it.length) for it in items],
             out_loc,
-            capture_hidden=any(r.return_hidden_states for r in decoding),
             decode_items=[StepInput(r, r.kv_len, 1) for r in decoding],
         )
         rows, plan = logit_rows(items)
@@ -152,12 +151,8 @@ class Scheduler(PauseMixin, SchedulerLoop):
         for it, (first, lp_rows, sample_row) in zip(items, plan):
             req = it.req
             req.kv_len += it.length
-            n_rows = len(lp_rows) + (sample_row is not None)
             self.output.guarded(
-                req,
-                lambda r=req, f=first, p=lp_rows, n=n_rows: record_prefill(
-                    r, logits[f : f + len(p)], p, hidden[f : f + n] if r.return_hidden_states else None
-                ),
+                req, lambda r=req, f=first, p=lp_rows: record_prefill(r, logits[f : f + len(p)], p)
             )
             if sample_row is None and not req.finished:
                 self.cache.cache_req(req, finished=False)
@@ -169,7 +164,7 @@ class Scheduler(PauseMixin, SchedulerLoop):
                 continue
             to_sample.append(req)
             sample_rows.append(first + len(lp_rows))
-        self._advance_decode(decoding, first_decode_row, hidden)
+        self._advance_decode(decoding)
         self.counters.num_mixed_steps += bool(decoding)
         if to_sample or decoding:
             sample_rows = [*range(first_decode_row, first_decode_row + len(decoding)), *sample_rows]
@@ -190,10 +185,9 @@ class Scheduler(PauseMixin, SchedulerLoop):
             ForwardMode.DECODE,
             [StepInput(r, r.kv_len, 1) for r in reqs],
             out_loc,
-            capture_hidden=any(r.return_hidden_states for r in reqs),
         )
-        logits, hidden = self.runner.forward(batch, torch.arange(len(reqs)))
-        self._advance_decode(reqs, 0, hidden)
+        logits, _ = self.runner.forward(batch, torch.arange(len(reqs)))
+        self._advance_decode(reqs)
         self._sample(reqs, logits)
         self._after_decode(reqs)
         self.run_step_hooks()
@@ -217,11 +211,10 @@ class Scheduler(PauseMixin, SchedulerLoop):
         self.counters.decode_starts()
         return list(self.running)
 
-    def _advance_decode(self, reqs: list[Req], first_row: int, hidden: torch.Tensor | None) -> None:
-        for i, req in enumerate(reqs):
+    @staticmethod
+    def _advance_decode(reqs: list[Req]) -> None:
+        for req in reqs:
             req.kv_len += 1
-            if req.return_hidden_states:
-                req.hidden_states.append(hidden[first_row + i].float().tolist())
 
     def _after_decode(self, reqs: list[Req]) -> None:
         if not reqs:

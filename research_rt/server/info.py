@@ -101,7 +101,13 @@ async def get_load(request: Request) -> HTTPResponse:
         "num_waiting_reqs": stats.num_queue_reqs,
         "num_tokens": stats.num_used_tokens + stats.num_waiting_tokens,
     }
-    return json([{**entry, **engine.get_load()}])
+    pool = {  # research_rt's own pool figures
+        "num_running_reqs": stats.num_running_reqs,
+        "num_used_tokens": stats.num_used_tokens,
+        "num_cached_tokens": stats.num_cached_tokens,
+        "num_free_tokens": stats.num_free_tokens,
+    }
+    return json([{**entry, **pool}])
 
 
 async def health(request: Request) -> HTTPResponse:

@@ -155,6 +155,10 @@ GENERATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log_metrics": (lambda v: isinstance(v, bool), "a boolean"),
     "custom_logit_processor": (one_or_list(lambda v: isinstance(v, str)), "a string"),
     "priority": (one_or_list(is_int), "an integer or a list of integers"),
+    # interventions (research_rt; --enable-interventions): values checked by frontend/interventions.py
+    "capture": (one_or_list(lambda v: v is None or isinstance(v, dict)), "an object or a list of objects"),
+    "steer": (lambda v: isinstance(v, list), "a list"),
+    "ablate": (lambda v: isinstance(v, list), "a list"),
 }
 UNSUPPORTED_FIELDS = ("image_data", "audio_data", "lora_path", "session_params", "input_embeds")
 

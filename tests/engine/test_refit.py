@@ -102,7 +102,7 @@ def test_abort_pause_and_requests_sent_while_paused_wait(engine, ref):
     t.start()
     t.join(0.5)
     assert t.is_alive(), "a request sent while paused did not wait"
-    assert engine.get_load()["num_waiting_reqs"] == 1
+    assert engine.load().num_queue_reqs == 1
     engine.continue_generation()
     t.join(60)
     assert result["out"]["output_ids"] == ref[:8]
@@ -213,7 +213,7 @@ def test_priority_orders_a_queued_batch(engine):
         )
     )
     t.start()
-    while engine.get_load()["num_waiting_reqs"] < 3:
+    while engine.load().num_queue_reqs < 3:
         time.sleep(0.01)
     engine.continue_generation()
     t.join(60)
