@@ -76,6 +76,9 @@ class DecodeGraphRunner:
         self.device = device
         self.buckets = batch_buckets(max_bs)
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
+        # every runner compiles the one code object `_step` (2 entries per model shape): Dynamo's
+        # default limit of 8 entries made the 5th distinct model in a process fail (fullgraph)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.compiled: Callable[..., torch.Tensor] = torch.compile(self._step, dynamic=None, fullgraph=True)
         # bucket -> (graph, static inputs, static output, key capacity)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}

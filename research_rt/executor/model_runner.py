@@ -65,10 +65,9 @@ class ModelRunner:
         self.attn_backend = create_backend(args.attention_backend)
         self.graph_runner: DecodeGraphRunner | None = None
         self.expert_recorder = _make_expert_recorder(self.model)
-        # grouped MoE dispatch syncs with the host (per-expert counts): it cannot be graph-captured
-        use_graphs = (
-            self.device.type == "cuda" and not args.disable_cuda_graph and self.expert_recorder is None
-        )
+        # MoE layers dispatch without host sync while captured (moe.select_dispatch); recording
+        # batches run eager (forward), so MoE models are captured too
+        use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph
         if args.enable_torch_compile or use_graphs:
             max_bs = min(
                 (args.cuda_graph_max_bs if use_graphs else args.torch_compile_max_bs) or max_reqs, max_reqs
