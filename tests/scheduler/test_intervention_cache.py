@@ -105,4 +105,3 @@ def test_capture_matches_up_to_its_first_position():
     done = finished(outputs)
     assert [done[r].cached_tokens for r in ("at5", "last", "all", "hidden")] == [5, 11, 0, 0]
     assert len(cached_slots(sched.cache.tree)) == 12 + 2  # capture-only KV is shared, not duplicated
-
