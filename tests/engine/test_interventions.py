@@ -310,3 +310,44 @@ def test_mixed_chunks_and_small_chunks_agree(engine, tiny_llama_dir):
         for key, (pos, data) in captured(mine).items():
             assert captured(theirs)[key][0] == pos
             np.testing.assert_allclose(data, captured(theirs)[key][1], atol=1e-4)
+
+
+def test_compiled_decode_graph_is_the_one_without_hooks(engine, monkeypatch):
+    """The decode step torch.compile traces (fullgraph) for batches without interventions is op for
+    op the graph of the same model whose hooks are replaced by the identity: they fold away."""
+    import re
+
+    from research_rt.core.forward_batch import ForwardMode
+    from research_rt.executor.graph_runner import KV_ALIGN, DecodeGraphRunner
+    from research_rt.models import llama
+
+    r = engine.runner
+
+    def trace() -> list[str]:
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        torch._dynamo.reset()
+        gr = DecodeGraphRunner(r.model, r.kv_pool, r.attn_backend, 8, r.device, use_cuda_graph=False)
+        step = torch.compile(gr._step, backend=record, fullgraph=True)
+        zeros = torch.zeros(2, dtype=torch.int64)
+        meta = r.attn_backend.build_metadata(
+            ForwardMode.DECODE, [0, 0], [1, 1], torch.zeros(2, KV_ALIGN, dtype=torch.int64), r.device
+        )
+        meta = r.attn_backend.pad_for_graph(meta, 2, KV_ALIGN)
+        with torch.inference_mode():
+            step(zeros, zeros.clone(), zeros.clone(), **r.attn_backend.tensors(meta))
+        (gm,) = graphs
+        return [re.sub(" at 0x[0-9a-f]+", "", f"{n.op} {n.target}") for n in gm.graph.nodes]
+
+    with_hooks = engine.call_in_scheduler(trace)
+    monkeypatch.setattr(llama, "intervene", lambda batch, layer, site, x: x)
+    monkeypatch.setattr(llama, "ablate_heads", lambda batch, layer, o, heads: o)
+    monkeypatch.setattr(llama, "ablate_neurons", lambda batch, layer, h: h)
+    without = engine.call_in_scheduler(trace)
+    torch._dynamo.reset()
+    assert sum("linear" in op for op in with_hooks) == 2 * 4 + 1  # qkv, o, gate_up, down per layer; lm_head
+    assert with_hooks == without
