@@ -39,7 +39,7 @@ from research_rt.frontend.generate_input import (
     MAX_TOKEN_IDS_LOGPROB,
 )
 from research_rt.server.app import MAX_BODY_BYTES
-from research_rt.server.openai import CHAT_FIELDS, COMPLETION_FIELDS
+from research_rt.server.openai_request import CHAT_FIELDS, COMPLETION_FIELDS
 from research_rt.server.protocol import GENERATE_FIELDS, MAX_JSON_DEPTH
 
 VOCAB = 49152  # the tiny Llama's (SmolLM2's) vocabulary
@@ -670,6 +670,7 @@ BY_TYPE_TEXT = {
     "a string or a list of strings": SMALL_TEXT | st.lists(SMALL_TEXT, max_size=3),
     "a list of token ids": st.lists(TOKEN, max_size=3),
     "a list of objects": st.just([]),
+    "a list": st.just([]) | st.lists(st.fixed_dictionaries({"layer": st.integers(-1, 3)}), max_size=2),
     "a list of token ids or a list of such lists": IDS | st.lists(IDS, min_size=1, max_size=2),
     "an object or a list of objects": st.just({"max_new_tokens": 2}),
     "a boolean or a list of booleans": st.booleans() | st.lists(st.booleans(), min_size=1, max_size=2),
