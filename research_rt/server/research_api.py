@@ -123,12 +123,28 @@ def decode_named_tensors(entries: Any) -> list[tuple[str, Any]]:
     return named
 
 
+# Weights for a refit, base64 in JSON: the general body limit (app.MAX_BODY_BYTES) is for prompts
+MAX_WEIGHTS_BODY_BYTES = 8 << 30
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """A streamed route's whole body, refused (413 JSON) past `limit` bytes."""
+    chunks, size = [], 0
+    while (chunk := await request.stream.read()) is not None:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"Payload Too Large: this request body may be at most {limit} bytes.", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def update_weights_from_tensor(request: Request) -> HTTPResponse:
     """`{serialized_named_tensors, load_format, flush_cache, abort_all_requests, weight_version}`
-    -> `{success, message}`. Waits for in-flight requests, unless generation is paused."""
+    -> `{success, message}`. Waits for in-flight requests, unless generation is paused. A streamed
+    route: weights outgrow the server's general body limit, so this one has its own."""
     state = _state(request)
     try:
-        body = parse_json(request.body)
+        body = parse_json(await _read_body(request, MAX_WEIGHTS_BODY_BYTES))
         entries = body.get("serialized_named_tensors")
         named = await _off_loop(lambda: decode_named_tensors(entries))  # big bodies: not on the loop
         load_format, version = body.get("load_format"), body.get("weight_version")
@@ -139,7 +155,7 @@ async def update_weights_from_tensor(request: Request) -> HTTPResponse:
         flush = _flag(body, "flush_cache", True)
         abort_all = _flag(body, "abort_all_requests", False)
     except RequestError as e:
-        return json({"success": False, "message": e.message}, status=400)
+        return json({"success": False, "message": e.message}, status=e.status_code)
     engine = state.engine
     if abort_all:
         engine.abort_request(None)
@@ -192,7 +208,7 @@ def register(app: Sanic) -> None:
     app.add_route(score, "/v1/score", methods=["POST"])
     app.add_route(pause_generation, "/pause_generation", methods=["POST"])
     app.add_route(continue_generation, "/continue_generation", methods=["POST"])
-    app.add_route(update_weights_from_tensor, "/update_weights_from_tensor", methods=["POST"])
+    app.add_route(update_weights_from_tensor, "/update_weights_from_tensor", methods=["POST"], stream=True)
     app.add_route(update_weight_version, "/update_weight_version", methods=["POST"])
     app.add_route(get_weight_version, "/get_weight_version", methods=["GET"])
     app.add_route(weights_checker, "/weights_checker", methods=["POST"])

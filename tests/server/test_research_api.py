@@ -221,7 +221,7 @@ def test_requests_sent_while_paused_wait(server):
     t.start()
     t.join(1.0)
     assert t.is_alive(), "a request sent while paused did not wait"
-    assert requests.get(server.base_url + "/get_load").json()["num_waiting_reqs"] == 1
+    assert requests.get(server.base_url + "/get_load").json()[0]["num_waiting_reqs"] == 1
     post(server, "/continue_generation")
     t.join(60)
     assert result["r"].status_code == 200 and result["r"].json()["output_ids"] == ref
@@ -249,7 +249,7 @@ def test_refit_flow_retract_update_from_tensor_continue(server, tiny_dir, tiny_d
     stream = Stream(server, {"temperature": 0, "max_new_tokens": 200, "ignore_eos": True})
     stream.wait_for(3)
     assert post(server, "/pause_generation", {"mode": "retract"}).status_code == 200
-    assert requests.get(server.base_url + "/get_load").json()["num_waiting_reqs"] == 1
+    assert requests.get(server.base_url + "/get_load").json()[0]["num_waiting_reqs"] == 1
     r = post(
         server,
         "/update_weights_from_tensor",
