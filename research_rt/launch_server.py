@@ -13,6 +13,7 @@ in front on --host/--port (see research_rt/data_parallel/).
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import json
 import logging
@@ -210,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         engine.shutdown()
+        if not engine.wait_for_compile(timeout=0):
+            # a background compile still running in C++ would abort the interpreter's exit
+            # ("terminate called without an active exception", status 134): leave at once
+            logger.info("Exiting while the decode step was still compiling.")
+            logging.shutdown()
+            os._exit(0)
 
 
 if __name__ == "__main__":

@@ -88,6 +88,9 @@ class ServerArgs:
 
     # research_rt extras
     decode_log_interval: int = 40
+    # CPU: compile the decode step before serving instead of serving eagerly while it compiles
+    # in the background (executor/graph_runner.py); benchmarks set it to time the compiled path
+    disable_background_compile: bool = False
     enable_interventions: bool = False  # allow /generate's capture, steer and ablate fields
     intervention_max_capture_bytes: int = 64 << 20  # per request, counted as float32 before encoding
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

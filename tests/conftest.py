@@ -11,9 +11,6 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Engines and servers started by the tests run eager unless a test asks for compilation (compiling
-# every tiny model would cost minutes); child server processes inherit this.
-os.environ.setdefault("RESEARCH_RT_TORCH_COMPILE", "0")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +93,39 @@ def make_tiny_checkpoint(
     return path
 
 
+def eager_engine(*args, **kwargs):
+    """An Engine with torch.compile off, for tests of behaviour the compiled decode step does not
+    change (eager keeps them fast: a background compile per Engine would cost the suite minutes).
+    The default configuration, compile on, has tests of its own: tests/engine/test_invariance.py,
+    the real model in tests/loader/test_gguf.py and tests/server/test_default_config.py."""
+    import research_rt
+
+    return research_rt.Engine(*args, disable_torch_compile=True, **kwargs)
+
+
+def compiled_engine(*args, **kwargs):
+    """The default configuration (compile on), compiled before the constructor returns rather than in
+    the background, so that every decode batch the test sends runs the compiled step."""
+    import research_rt
+
+    return research_rt.Engine(*args, disable_background_compile=True, **kwargs)
+
+
 @pytest.fixture(scope="session")
 def smollm_gguf_path() -> str:
     from research_rt.loader.resolve import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_compiled_engine():
+    """The real model in float32 with compile on (compiled once for the session: about a minute a
+    shape family on 2 cores), shared by the real-model correctness tests; each flushes the cache
+    and checks the pool."""
+    with compiled_engine(dtype="float32", random_seed=0) as engine:
+        assert engine.compiled_decode() == ["1", "2+"]
+        yield engine
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +149,8 @@ def tiny_llama_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_llama_dir):
-    """A float32 Engine on the tiny Llama, shared by engine tests (pool checked by each test)."""
-    import research_rt
-
-    engine = research_rt.Engine(str(tiny_llama_dir), dtype="float32", random_seed=0)
+    """A float32 eager Engine on the tiny Llama, shared by engine tests (pool checked by each test)."""
+    engine = eager_engine(str(tiny_llama_dir), dtype="float32", random_seed=0)
     yield engine
     engine.shutdown()
 

@@ -120,6 +120,9 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
             ready.set()
             return
         ready.set()
+        start_compile = getattr(self.runner, "start_background_compile", None)
+        if start_compile is not None:
+            start_compile()
         self.scheduler.run_forever(self._stop)
 
     # ---------------------------------------------------------------- plumbing

@@ -1,5 +1,6 @@
-"""The Engine's instruments: profiling the scheduler thread and recording the expert distribution
-of MoE models (a mixin of `Engine`; both run their work on the scheduler thread between steps)."""
+"""The Engine's instruments: profiling the scheduler thread, recording the expert distribution of
+MoE models (both run their work on the scheduler thread between steps), and the state of the
+decode step's compilation (a mixin of `Engine`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ class InstrumentsMixin:
 
     def stop_profile(self) -> str:
         return self.call_in_scheduler(self.profiler.stop)
+
+    # ---------------------------------------------------------------- compilation
+    def compiled_decode(self) -> list[str]:
+        """The decode shape families ("1": batch 1, "2+": larger) that run compiled now; until a
+        family's graph is built (in the background by default) its batches run eager."""
+        graphs = getattr(self.runner, "graph_runner", None)
+        return [] if graphs is None else [{1: "1", 2: "2+"}[f] for f in sorted(graphs.ready_families)]
+
+    def wait_for_compile(self, timeout: float | None = None) -> bool:
+        """Block until the background compile has ended (True; at once when compile is off), or
+        `timeout` passed (False). `compiled_decode()` says which families it built."""
+        graphs = getattr(self.runner, "graph_runner", None)
+        return True if graphs is None else graphs.compiled_all.wait(timeout)
 
     # ---------------------------------------------------------------- expert distribution
     def _expert_recorder(self) -> Any:

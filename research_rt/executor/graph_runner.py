@@ -5,11 +5,19 @@ dummy KV slot 0 and attend only to it), so the compiled step sees a handful of s
 length is padded to a multiple of KV_ALIGN and marked dynamic, so one compilation serves every
 length. On CUDA each bucket is captured as a CUDA graph over static input buffers, largest first,
 sharing one memory pool; replay copies the step's inputs into those buffers.
+
+On CPU the two graphs (batch 1, batch 2+) compile in a background thread by default
+(`compile_in_background`): a cold compile takes about two minutes on 2 cores, and the server serves
+eagerly meanwhile, each shape family switching to its compiled graph once it is built (greedy output
+is the same either way: tests/engine/test_invariance.py). The thread ends when it is done, which also
+ends its OpenMP thread pool (a second live pool slows the scheduler's ops by half: engine.py).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -20,6 +28,7 @@ from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 logger = logging.getLogger(__name__)
 
 KV_ALIGN = 64
+COMPILE_SWITCH_INTERVAL_S = 1e-4
 MAX_DYNAMIC_BATCH = 4096  # a fixed range: compiled-graph caches stay valid whatever max_running_requests is
 
 
@@ -83,9 +92,19 @@ class DecodeGraphRunner:
         # bucket -> (graph, static inputs, static output, key capacity)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}
         self.seen_shapes: set[tuple[int, int]] = set()
+        # shape families (1: batch 1, 2: batch 2+) whose compiled graph may serve; on CUDA graphs
+        # capture on first use, so every family is open from the start
+        self.ready_families: set[int] = {1, 2} if self.use_cuda_graph else set()
+        self.compiled_all = threading.Event()
+        if self.use_cuda_graph:
+            self.compiled_all.set()
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return batch.mode is ForwardMode.DECODE and bucket_for(batch.batch_size, self.buckets) is not None
+        return (
+            batch.mode is ForwardMode.DECODE
+            and bucket_for(batch.batch_size, self.buckets) is not None
+            and min(batch.batch_size, 2) in self.ready_families
+        )
 
     def _step(self, input_ids, positions, out_cache_loc, **metadata) -> torch.Tensor:
         batch = ForwardBatch(
@@ -134,9 +153,39 @@ class DecodeGraphRunner:
         return out
 
     def warm_up(self) -> None:
-        """Compile both CPU graphs now (start-up) rather than on the first requests."""
+        """Compile both CPU graphs now, opening each shape family to `can_run` once it is built."""
         if self.use_cuda_graph:
             return
+        try:
+            self._compile_families()
+        finally:
+            self.compiled_all.set()
+
+    def warm_up_in_background(self, on_error: Callable[[BaseException], None]) -> threading.Thread:
+        """`warm_up` on a thread of its own; until a family is ready its batches run eager. A
+        failure is logged and reported to `on_error`, and decoding stays eager."""
+
+        def main() -> None:
+            # Dynamo traces in Python, holding the GIL; every eager op of the scheduler thread
+            # releases it and must win it back, which at the default 5 ms switch interval made a
+            # 6-token warm-up request take 35 s while compiling. A 0.1 ms interval while the
+            # compile runs hands the GIL back quickly.
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
+            try:
+                with torch.inference_mode():
+                    self.warm_up()
+            except BaseException as e:  # noqa: BLE001 - serving goes on eagerly
+                logger.exception("Compiling the decode step failed; decoding stays eager")
+                on_error(e)
+            finally:
+                sys.setswitchinterval(interval)
+
+        thread = threading.Thread(target=main, name="research_rt-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _compile_families(self) -> None:
         for bs in (1, min(2, self.buckets[-1])):
             bucket = bucket_for(bs, self.buckets)
             assert bucket is not None
@@ -155,6 +204,9 @@ class DecodeGraphRunner:
                         **self.attn_backend.tensors(meta),
                     }
                 )
+            self.ready_families.add(min(bucket, 2))
+        if self.buckets[-1] == 1:  # no batch 2+ graph: such batches never come
+            self.ready_families.add(2)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _replay(self, batch: ForwardBatch, bucket: int, kv_len: int) -> torch.Tensor:

@@ -75,13 +75,23 @@ class ModelRunner:
             self.graph_runner = DecodeGraphRunner(
                 self.model, self.kv_pool, self.attn_backend, max_bs, self.device, use_cuda_graph=use_graphs
             )
-            self.graph_runner.warm_up()
+            if args.disable_background_compile:
+                self.graph_runner.warm_up()
         logger.info(
             "KV cache pool: %d tokens, %.1f MB (%s)",
             self.max_total_num_tokens,
             self.max_total_num_tokens * self.kv_pool.bytes_per_token() / 1e6,
             self.dtype,
         )
+
+    def start_background_compile(self) -> None:
+        """Compile the decode step on a thread of its own while batches run eager (graph_runner.py);
+        a no-op when it is compiled already or compile is off."""
+        gr = self.graph_runner
+        if gr is None or gr.compiled_all.is_set():
+            return
+        logger.info("Compiling the decode step in the background; decode batches run eager until it is ready")
+        gr.warm_up_in_background(on_error=lambda e: None)
 
     def _quantize(self) -> None:
         if self.weight_quant is None:

@@ -1,6 +1,3 @@
-"""Finding a model (directory, hub id in the local cache, .gguf file) and loading its weights."""
-
-from research_rt.loader.model_loader import LoadedModel, load_model
-from research_rt.loader.resolve import ModelNotFoundError, ModelSource, resolve_model_path
-
-__all__ = ["LoadedModel", "ModelNotFoundError", "ModelSource", "load_model", "resolve_model_path"]
+"""Finding a model (directory, hub id in the local cache, .gguf file) and loading its weights:
+resolve.py finds it, gguf_cache.py converts a GGUF once, weights.py iterates a checkpoint's
+tensors, model_loader.py builds the module and loads them."""

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from research_rt.loader import gguf_cache
 from research_rt.loader.resolve import ModelSource
-from research_rt.loader.weights import count_gguf, count_safetensors, iterate_gguf, iterate_safetensors
+from research_rt.loader.weights import count_safetensors, iterate_gguf, iterate_safetensors
 from research_rt.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -26,14 +27,6 @@ DTYPES = {
 }
 
 
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
-
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
@@ -44,11 +37,8 @@ class LoadedModel:
 def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
-    if source.is_gguf:
-        config = AutoConfig.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
-        if not getattr(config, "architectures", None):  # GGUF metadata names the family, not the class
-            config.architectures = [GGUF_ARCHITECTURES.get(config.model_type, config.model_type)]
-        return config
+    if source.is_gguf:  # config.json of the converted copy (gguf_cache.py says why)
+        return AutoConfig.from_pretrained(str(gguf_cache.converted_dir(source.gguf_path)))
     return AutoConfig.from_pretrained(str(source.directory))
 
 
@@ -60,6 +50,9 @@ def load_tokenizer(source: ModelSource, tokenizer_path: str | None = None) -> An
 
         source = resolve_model_path(tokenizer_path)
     if source.is_gguf:
+        converted = gguf_cache.converted_dir(source.gguf_path)
+        if gguf_cache.has_tokenizer(converted):
+            return AutoTokenizer.from_pretrained(str(converted))
         return AutoTokenizer.from_pretrained(str(source.directory), gguf_file=source.gguf_file)
     return AutoTokenizer.from_pretrained(str(source.directory))
 
@@ -132,8 +125,10 @@ def weight_iterator(source: ModelSource, load_format: str) -> tuple[Any, int]:
     if fmt == "gguf":
         if not source.is_gguf:
             raise ValueError(f"load_format gguf needs a .gguf file, got {source.path}")
-        file = source.directory / source.gguf_file  # type: ignore[operator]
-        return iterate_gguf(file), count_gguf(file)
+        converted = gguf_cache.converted_dir(source.gguf_path)
+        if gguf_cache.has_weights(converted):  # the same float32 values, from plain files
+            return iterate_safetensors(converted), count_safetensors(converted)
+        return iterate_gguf(source.gguf_path), gguf_cache.gguf_tensor_count(source.gguf_path)
     if fmt == "safetensors":
         return iterate_safetensors(source.directory), count_safetensors(source.directory)
     raise ValueError(f"unsupported load_format {load_format!r}")

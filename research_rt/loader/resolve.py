@@ -33,6 +33,11 @@ class ModelSource:
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
 
+    @property
+    def gguf_path(self) -> Path:
+        assert self.gguf_file is not None
+        return self.directory / self.gguf_file
+
 
 def default_model_path() -> str:
     import importlib.util

@@ -95,9 +95,3 @@ def iterate_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if arch in _GGUF_PERMUTED_ARCHS and hf.endswith(("q_proj.weight", "k_proj.weight")):
             data = _unpermute(data, n_head if "q_proj" in hf else n_kv)
         yield hf, torch.from_numpy(np.array(data, copy=True))  # writable, contiguous
-
-
-def count_gguf(file: Path) -> int:
-    import gguf
-
-    return len(gguf.GGUFReader(str(file)).tensors)

@@ -84,6 +84,7 @@ async def get_server_info(request: Request) -> HTTPResponse:
         attention_backend=state.server_args.attention_backend or "torch_native",
         sampling_backend=state.server_args.sampling_backend or "pytorch",
         weight_version=engine.weight_version,  # live: /update_weight_version changes it
+        compiled_decode=engine.compiled_decode(),  # shape families compiled so far (graph_runner.py)
     )
     info.update(await state.live_stats())
     return json(info)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-import research_rt
 from research_rt.core.errors import RequestError
 from research_rt.frontend.response import decode_captured
+from tests.conftest import eager_engine
 
 G = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 A = [5, 17, 33, 100, 7, 9, 2000, 31000]
@@ -22,7 +22,7 @@ ALL_SITES = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    e = research_rt.Engine(
+    e = eager_engine(
         str(tiny_llama_dir),
         dtype="float32",
         random_seed=0,
@@ -279,7 +279,7 @@ def test_validation_errors(engine, tiny_engine):
 
 
 def test_capture_byte_limit(tiny_llama_dir):
-    with research_rt.Engine(
+    with eager_engine(
         str(tiny_llama_dir), dtype="float32", enable_interventions=True, intervention_max_capture_bytes=4096
     ) as e:
         ok = e.generate(input_ids=A, sampling_params=G, capture={"layers": [0], "positions": "last"})
@@ -295,7 +295,7 @@ def test_mixed_chunks_and_small_chunks_agree(engine, tiny_llama_dir):
     steer = [{"layer": 0, "site": "attn_out", "vector": [0.3] * 64, "scale": 2.0}]
     kwargs = dict(sampling_params=G, capture=cap, steer=[steer, None, steer])
     ref = engine.generate(input_ids=[A, B, B[:5]], **kwargs)
-    with research_rt.Engine(
+    with eager_engine(
         str(tiny_llama_dir),
         dtype="float32",
         enable_interventions=True,

@@ -1,4 +1,5 @@
-"""Greedy output must not change with radix-cache hits, chunk size, batch composition or retraction."""
+"""Greedy output must not change with radix-cache hits, chunk size, batch composition or retraction,
+in the default configuration (the decode step compiled, as `make serve` runs it)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import random
 
 import pytest
 
-import research_rt
+from tests.conftest import compiled_engine, eager_engine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
 
@@ -19,6 +20,14 @@ def prompts(n: int, length: int, seed: int = 0, shared: int = 0) -> list[list[in
 
 def run_each(engine, items: list[list[int]], params=GREEDY) -> list[list[int]]:
     return [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in items]
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama_dir):
+    """The module's own engine: compile on (compiled before the tests start), float32."""
+    with compiled_engine(str(tiny_llama_dir), dtype="float32", random_seed=0) as engine:
+        assert engine.compiled_decode() == ["1", "2+"]
+        yield engine
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +67,7 @@ def test_batch_matches_one_at_a_time(tiny_engine, reference):
 
 def test_small_chunks_match(tiny_llama_dir, reference):
     items, ref = reference
-    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", chunked_prefill_size=16) as engine:
+    with compiled_engine(str(tiny_llama_dir), dtype="float32", chunked_prefill_size=16) as engine:
         assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
         assert run_each(engine, items[:4]) == ref[:4]
         engine.check_pool_integrity()
@@ -67,7 +76,7 @@ def test_small_chunks_match(tiny_llama_dir, reference):
 def test_retraction_under_tiny_pool_matches(tiny_llama_dir, reference):
     items, ref = reference
     # 16 requests x (70 prompt + 24 new) tokens need ~1500 slots; 400 forces eviction and retraction
-    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", max_total_tokens=400) as engine:
+    with compiled_engine(str(tiny_llama_dir), dtype="float32", max_total_tokens=400) as engine:
         outs = engine.generate(input_ids=items, sampling_params=GREEDY)
         assert [o["output_ids"] for o in outs] == ref
         assert engine.scheduler.counters.num_retractions > 0
@@ -76,7 +85,7 @@ def test_retraction_under_tiny_pool_matches(tiny_llama_dir, reference):
 
 def test_disabled_radix_cache_never_shares(tiny_llama_dir, reference):
     items, ref = reference
-    with research_rt.Engine(str(tiny_llama_dir), dtype="float32", disable_radix_cache=True) as engine:
+    with compiled_engine(str(tiny_llama_dir), dtype="float32", disable_radix_cache=True) as engine:
         a = engine.generate(input_ids=items[0], sampling_params=GREEDY)
         b = engine.generate(input_ids=items[0], sampling_params=GREEDY)
         assert a["meta_info"]["cached_tokens"] == b["meta_info"]["cached_tokens"] == 0
@@ -84,10 +93,19 @@ def test_disabled_radix_cache_never_shares(tiny_llama_dir, reference):
         assert engine.scheduler.cache.kv_pool.available_size() == engine.scheduler.cache.kv_pool.size
 
 
+def test_compile_off_matches_on(tiny_llama_dir, reference):
+    items, ref = reference
+    with eager_engine(str(tiny_llama_dir), dtype="float32") as engine:
+        assert engine.compiled_decode() == []
+        assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
+        assert run_each(engine, items[:4]) == ref[:4]
+        engine.check_pool_integrity()
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "lpm"])
 def test_policies_give_same_outputs(tiny_llama_dir, reference, policy):
     items, ref = reference
-    with research_rt.Engine(
+    with compiled_engine(
         str(tiny_llama_dir), dtype="float32", schedule_policy=policy, max_running_requests=4
     ) as engine:
         assert [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=GREEDY)] == ref
@@ -95,9 +113,11 @@ def test_policies_give_same_outputs(tiny_llama_dir, reference, policy):
 
 
 @pytest.mark.slow
-def test_smollm2_invariance():
-    """The real model in float32: cache hit, chunk 16 and a concurrent batch give identical text."""
-    base = research_rt.Engine(dtype="float32")
+def test_smollm2_invariance(smollm_compiled_engine):
+    """The real model in float32: cache hit, chunk 16 with compile off and a concurrent batch give
+    identical text."""
+    base = smollm_compiled_engine
+    base.flush_cache()
     tok = base.tokenizer
     qs = ["Name a planet.", "What is 2+2?", "Say hello in Spanish.", "What color is the sky?"]
     texts = [
@@ -105,15 +125,13 @@ def test_smollm2_invariance():
         for q in qs
     ]
     params = {"temperature": 0, "max_new_tokens": 20}
-    try:
-        alone = [base.generate(t, params)["text"] for t in texts]
-        hits = [base.generate(t, params) for t in texts]
-        assert [h["text"] for h in hits] == alone
-        assert all(h["meta_info"]["cached_tokens"] > 0 for h in hits)
-        base.check_pool_integrity()
-    finally:
-        base.shutdown()
-    with research_rt.Engine(dtype="float32", chunked_prefill_size=16) as chunked:
+    alone = [base.generate(t, params)["text"] for t in texts]
+    hits = [base.generate(t, params) for t in texts]
+    assert [h["text"] for h in hits] == alone
+    assert all(h["meta_info"]["cached_tokens"] > 0 for h in hits)
+    assert [o["text"] for o in base.generate(texts, params)] == alone  # one batch of four
+    base.check_pool_integrity()
+    with eager_engine(dtype="float32", chunked_prefill_size=16) as chunked:  # chunks of 16, compile off
         assert [o["text"] for o in chunked.generate(texts, params)] == alone
         chunked.check_pool_integrity()
 
@@ -123,7 +141,7 @@ def test_mixed_chunks_match(tiny_llama_dir, reference, pool):
     """--enable-mixed-chunk: running decodes ride along in prefill forwards (with a small pool:
     also under eviction and retraction); outputs stay those of one request at a time."""
     items, ref = reference
-    with research_rt.Engine(
+    with compiled_engine(
         str(tiny_llama_dir),
         dtype="float32",
         enable_mixed_chunk=True,

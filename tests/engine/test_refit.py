@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import research_rt
 from research_rt.core.errors import RequestError
 from research_rt.engine.weights_checker import WeightsChecker
 from research_rt.frontend.request_builder import RequestBuilder
 from research_rt.server_args import ServerArgs
-from tests.conftest import hf_greedy, make_tiny_checkpoint
+from tests.conftest import eager_engine, hf_greedy, make_tiny_checkpoint
 
 PROMPT = [101, 2045, 3999, 17, 42, 7, 900, 3120]
 LONG = {"temperature": 0, "max_new_tokens": 48, "ignore_eos": True}
@@ -27,7 +26,7 @@ SHORT = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
-    e = research_rt.Engine(
+    e = eager_engine(
         str(tiny_llama_dir),
         dtype="float32",
         random_seed=0,

@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 
-import research_rt
 from experiments.steering_sentiment import PROMPTS, lexicon_score, plot, run
+from tests.conftest import eager_engine
 
 
 def test_steering_experiment_small(tiny_llama_dir, tmp_path):
@@ -27,7 +27,7 @@ def test_steering_experiment_small(tiny_llama_dir, tmp_path):
     for row in results["scales"].values():
         assert len(row["texts"]) == len(row["judge"]) == len(row["lexicon"]) == len(prompts)
         assert all(np.isfinite(row["judge"]))
-    with research_rt.Engine(str(tiny_llama_dir), dtype="float32") as engine:
+    with eager_engine(str(tiny_llama_dir), dtype="float32") as engine:
         plain = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 4, "repetition_penalty": 1.2})
     assert results["scales"]["0"]["texts"] == [o["text"] for o in plain]
     json.dumps(results)  # what main() writes

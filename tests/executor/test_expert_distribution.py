@@ -6,9 +6,8 @@ import csv
 
 import pytest
 
-import research_rt
 from research_rt.core.errors import RequestError
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import eager_engine, make_tiny_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -17,9 +16,7 @@ from tests.conftest import make_tiny_checkpoint
 )
 def test_expert_counts_and_csv(name, moe_layers, experts, top_k, tmp_path):
     path = make_tiny_checkpoint(name, tmp_path / "ckpt")
-    engine = research_rt.Engine(
-        str(path), dtype="float32", skip_tokenizer_init=True, disable_radix_cache=True
-    )
+    engine = eager_engine(str(path), dtype="float32", skip_tokenizer_init=True, disable_radix_cache=True)
     try:
         sp = {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True}
         engine.generate(input_ids=[3, 4, 5], sampling_params=sp)  # before recording: not counted

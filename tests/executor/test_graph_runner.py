@@ -66,7 +66,11 @@ def test_compiled_decode_matches_eager(tiny_llama_dir):
         want = [o["output_ids"] for o in eager.generate(input_ids=prompts, sampling_params=params)]
         want_one = eager.generate(input_ids=prompts[0], sampling_params=params)["output_ids"]
     with research_rt.Engine(
-        str(tiny_llama_dir), dtype="float32", enable_torch_compile=True, torch_compile_max_bs=4
+        str(tiny_llama_dir),
+        dtype="float32",
+        enable_torch_compile=True,
+        torch_compile_max_bs=4,
+        disable_background_compile=True,
     ) as compiled:
         got_one = compiled.generate(input_ids=prompts[0], sampling_params=params)["output_ids"]
         got = [o["output_ids"] for o in compiled.generate(input_ids=prompts, sampling_params=params)]

@@ -7,9 +7,8 @@ import shutil
 import pytest
 import torch
 
-import research_rt
 from research_rt.loader.resolve import ModelNotFoundError, resolve_model_path
-from tests.conftest import make_tiny_checkpoint
+from tests.conftest import eager_engine, make_tiny_checkpoint
 
 
 def test_hub_repo_id_resolves_from_local_cache(tmp_path, monkeypatch):
@@ -25,7 +24,7 @@ def test_hub_repo_id_resolves_from_local_cache(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
     source = resolve_model_path("tiny-org/tiny-qwen2")
     assert source.directory == repo / "snapshots" / rev and not source.is_gguf
-    with research_rt.Engine("tiny-org/tiny-qwen2", dtype="float32", skip_tokenizer_init=True) as engine:
+    with eager_engine("tiny-org/tiny-qwen2", dtype="float32", skip_tokenizer_init=True) as engine:
         out = engine.generate(input_ids=[1, 2, 3], sampling_params={"temperature": 0, "max_new_tokens": 3})
         assert out["meta_info"]["completion_tokens"] == 3
     with pytest.raises(ModelNotFoundError, match=r"tiny-org/missing \(repository not found\)"):
@@ -39,7 +38,7 @@ def test_low_precision_dtypes_match_transformers(tmp_path, dtype):
 
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt")
     prompt = list(range(5, 40))
-    with research_rt.Engine(str(path), dtype=dtype, skip_tokenizer_init=True) as engine:
+    with eager_engine(str(path), dtype=dtype, skip_tokenizer_init=True) as engine:
         assert engine.runner.dtype == getattr(torch, dtype)
         assert engine.runner.kv_pool.k_buffers[0].dtype == getattr(torch, dtype)
         out = engine.generate(
@@ -56,13 +55,11 @@ def test_low_precision_dtypes_match_transformers(tmp_path, dtype):
 def test_dummy_load_format_needs_no_weights(tmp_path):
     path = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path / "ckpt")
     (path / "model.safetensors").unlink()
-    with research_rt.Engine(
-        str(path), dtype="float32", load_format="dummy", skip_tokenizer_init=True
-    ) as engine:
+    with eager_engine(str(path), dtype="float32", load_format="dummy", skip_tokenizer_init=True) as engine:
         out = engine.generate(input_ids=[4, 5, 6], sampling_params={"max_new_tokens": 4, "ignore_eos": True})
         assert len(out["output_ids"]) == 4
     with pytest.raises(FileNotFoundError):
-        research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+        eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
 
 
 def test_missing_weights_are_reported(tmp_path):
@@ -73,7 +70,7 @@ def test_missing_weights_are_reported(tmp_path):
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, path / "model.safetensors")
     with pytest.raises(ValueError, match="lacks weights for: model.layers.1.mlp.gate_up_proj.weight#1"):
-        research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+        eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
 
 
 def test_sharded_safetensors_with_index(tmp_path):
@@ -82,7 +79,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     from safetensors.torch import load_file, save_file
 
     path = make_tiny_checkpoint("MistralForCausalLM", tmp_path / "ckpt")
-    with research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True) as engine:
+    with eager_engine(str(path), dtype="float32", skip_tokenizer_init=True) as engine:
         want = engine.generate(input_ids=[7, 8, 9], sampling_params={"temperature": 0, "max_new_tokens": 5})
     tensors = load_file(path / "model.safetensors")
     (path / "model.safetensors").unlink()
@@ -92,7 +89,7 @@ def test_sharded_safetensors_with_index(tmp_path):
         save_file({k: tensors[k] for k in keys}, path / file)
     index = {"weight_map": {k: f for f, keys in halves.items() for k in keys}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    with research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True) as engine:
+    with eager_engine(str(path), dtype="float32", skip_tokenizer_init=True) as engine:
         got = engine.generate(input_ids=[7, 8, 9], sampling_params={"temperature": 0, "max_new_tokens": 5})
     assert got["output_ids"] == want["output_ids"]
 
@@ -102,8 +99,6 @@ def test_context_length_beyond_the_model_is_refused(tmp_path):
     with pytest.raises(
         ValueError, match=r"context_length \(1024\) is greater than the derived context_length \(512\)"
     ):
-        research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True, context_length=1024)
-    with research_rt.Engine(
-        str(path), dtype="float32", skip_tokenizer_init=True, context_length=256
-    ) as engine:
+        eager_engine(str(path), dtype="float32", skip_tokenizer_init=True, context_length=1024)
+    with eager_engine(str(path), dtype="float32", skip_tokenizer_init=True, context_length=256) as engine:
         assert engine.context_len == 256

@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import research_rt
 from research_rt.core.errors import RequestError
-from tests.conftest import TINY_COMMON, TINY_CONFIGS, make_tiny_checkpoint
+from tests.conftest import TINY_COMMON, TINY_CONFIGS, eager_engine, make_tiny_checkpoint
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [5, 17, 99, 3, 8], [300, 1, 2, 3], list(range(10, 60))]
 COS_MIN = 0.9999
@@ -36,7 +35,7 @@ def test_decoder_as_embedding_model(name, tmp_path):
     path = make_tiny_checkpoint(name, tmp_path / "ckpt")
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     # a small chunk size: the long prompt is prefilled in chunks; PROMPTS[1] shares a cached prefix
-    engine = research_rt.Engine(
+    engine = eager_engine(
         str(path), dtype="float32", skip_tokenizer_init=True, is_embedding=True, chunked_prefill_size=16
     )
     try:
@@ -90,7 +89,7 @@ def test_sequence_classification_matches_transformers(model_type, tmp_path):
     path = _save_seq_cls(model_type, tmp_path / "ckpt", num_labels=3)
     hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
     # detected from `architectures`: no is_embedding flag needed
-    engine = research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+    engine = eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
     try:
         assert engine.is_embedding
         padded = [7, 8, 9, 10, 0, 0]  # trailing pads: transformers scores the last non-pad token
@@ -121,7 +120,7 @@ def test_qwen2_reward_model_matches_reference(tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["architectures"] = ["Qwen2ForRewardModel"]
     (path / "config.json").write_text(json.dumps(config))
-    engine = research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+    engine = eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
     try:
         outs = engine.encode(input_ids=PROMPTS)
         for ids, out in zip(PROMPTS, outs):
@@ -158,7 +157,7 @@ TEXTS = ["The capital of France is Paris.", "A cat sat on the mat", "embeddings!
 def test_all_minilm_l6_v2_matches_sentence_transformers_pooling():
     path = minilm_dir()
     ref = _reference_sentence_embeddings(path, TEXTS, "mean")
-    with research_rt.Engine(str(path), dtype="float32") as engine:
+    with eager_engine(str(path), dtype="float32") as engine:
         assert (
             engine.is_embedding and engine.runner.pooling.mode == "mean" and engine.runner.pooling.normalize
         )
@@ -191,7 +190,7 @@ def test_tiny_bert_cls_pooling(tmp_path, smollm_tokenizer_dir):
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     tok_texts = ["hello world", "a much longer sentence than the first one"]
-    with research_rt.Engine(str(tmp_path), dtype="float32") as engine:
+    with eager_engine(str(tmp_path), dtype="float32") as engine:
         outs = engine.encode(tok_texts)
     from transformers import AutoTokenizer
 

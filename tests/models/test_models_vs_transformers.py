@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import research_rt
-from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_checkpoint
+from tests.conftest import TINY_CONFIGS, eager_engine, hf_greedy, make_tiny_checkpoint
 
 LOGPROB_ATOL = 2e-4
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7], [300, 1, 2, 3], list(range(10, 60))]
@@ -29,7 +28,7 @@ def hf_reference(path, prompt: list[int], new_tokens: int) -> tuple[torch.Tensor
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_architecture_matches_transformers(name, tmp_path):
     path = make_tiny_checkpoint(name, tmp_path / "ckpt")
-    engine = research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+    engine = eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
     try:
         for prompt in PROMPTS:
             ref_logprobs, ref_tokens = hf_reference(path, prompt, 12)
@@ -65,11 +64,11 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     cfg = (path / "config.json").read_text().replace("LlamaForCausalLM", "FancyNewForCausalLM")
     (path / "config.json").write_text(cfg)
     with pytest.raises(ValueError, match="Supported: .*LlamaForCausalLM.*Qwen3ForCausalLM"):
-        research_rt.Engine(str(path), dtype="float32", skip_tokenizer_init=True)
+        eager_engine(str(path), dtype="float32", skip_tokenizer_init=True)
 
 
 def test_unknown_model_path_names_it():
     with pytest.raises(ValueError, match="no-such-org/no-such-model"):
-        research_rt.Engine("no-such-org/no-such-model")
+        eager_engine("no-such-org/no-such-model")
     with pytest.raises(ValueError, match="/does/not/exist"):
-        research_rt.Engine("/does/not/exist")
+        eager_engine("/does/not/exist")

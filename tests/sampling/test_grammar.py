@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-import research_rt
 from research_rt.core.errors import RequestError
 from research_rt.sampling.custom_logit_processor import CustomLogitProcessor
+from tests.conftest import eager_engine
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -145,7 +145,7 @@ class Explodes(CustomLogitProcessor):
 @pytest.fixture(scope="module")
 def small_pool_engine(tiny_llama_dir):
     """Custom processors on, and a KV pool small enough to force retraction."""
-    engine = research_rt.Engine(
+    engine = eager_engine(
         str(tiny_llama_dir), dtype="float32", max_total_tokens=400, enable_custom_logit_processor=True
     )
     yield engine

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import research_rt
+from tests.conftest import eager_engine
 
 jsonschema = pytest.importorskip("jsonschema")
 pytestmark = pytest.mark.slow
@@ -26,7 +26,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def engine():
-    with research_rt.Engine(random_seed=0) as e:
+    with eager_engine(random_seed=0) as e:
         yield e
 
 

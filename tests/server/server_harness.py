@@ -101,7 +101,11 @@ def stop_server(server: Server) -> None:
         server.process.wait()
 
 
-TINY_ARGS = ["--dtype", "float32", "--max-total-tokens", "40000", "--random-seed", "0"]
+# Eager: these servers test the HTTP layer, which compile does not change (a background compile per
+# server would cost the suite minutes); the default configuration, compile on, is served by
+# test_default_config.py (one server per architecture family) and test_notebook_flow.py.
+EAGER = "--disable-torch-compile"
+TINY_ARGS = ["--dtype", "float32", "--max-total-tokens", "40000", "--random-seed", "0", EAGER]
 
 
 def long_tiny(path: Path, tokenizer_dir: Path, seed: int) -> Path:

@@ -19,7 +19,16 @@ import time
 import psutil
 import pytest
 import requests
-from server_harness import REPO_ROOT, TINY_ARGS, Server, free_port, server_env, start_server, stop_server
+from server_harness import (
+    EAGER,
+    REPO_ROOT,
+    TINY_ARGS,
+    Server,
+    free_port,
+    server_env,
+    start_server,
+    stop_server,
+)
 
 from research_rt.utils import abort_request_all, list_workers, update_weights_from_disk_all
 
@@ -331,8 +340,9 @@ def test_compiled_workers_and_health_503_while_starting(tiny_dir, tmp_path_facto
     compiles) is done, then the routed output matches the eager single server's."""
     log = tmp_path_factory.mktemp("dp_compiled") / "dp.log"
     port = free_port()
-    env = server_env() | {"RESEARCH_RT_TORCH_COMPILE": "1"}
-    args = ["--dp-size", "2", "--port", str(port), "--model-path", str(tiny_dir), *TINY_ARGS]
+    env = server_env()
+    default_args = [a for a in TINY_ARGS if a != EAGER]  # compile on, as make serve runs
+    args = ["--dp-size", "2", "--port", str(port), "--model-path", str(tiny_dir), *default_args]
     with open(log, "w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "research_rt.launch_server", *args],
