@@ -13,10 +13,10 @@ in front on --host/--port (see research_rt/data_parallel/).
 from __future__ import annotations
 
 import argparse
-import os
 import asyncio
 import json
 import logging
+import os
 import sys
 import threading
 import time
