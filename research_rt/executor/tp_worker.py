@@ -94,6 +94,8 @@ def worker_main(rank: int, port: int, args: Any, source: ModelSource, config: An
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO))
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     torch.set_num_threads(threads_per_rank(args.tp_size))
+    if str(args.device).startswith("cuda"):  # one GPU per rank (rank 0 keeps cuda:0)
+        args = args.replace(device=f"cuda:{rank}")
     with torch.inference_mode():
         runner = TPWorkerRunner(rank, port, args, source, config)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psutil
 import pytest
+import torch
 
 import research_rt
 from tests.conftest import make_tiny_checkpoint
@@ -13,15 +14,8 @@ PARAMS = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 
 
 def greedy(path, tp: int, **kw) -> tuple[list[list[int]], list[int]]:
-    engine = research_rt.Engine(
-        str(path),
-        dtype="float32",
-        random_seed=0,
-        tp_size=tp,
-        skip_tokenizer_init=True,
-        max_total_tokens=2048,
-        **kw,
-    )
+    kw = {"dtype": "float32", "random_seed": 0, "skip_tokenizer_init": True, "max_total_tokens": 2048, **kw}
+    engine = research_rt.Engine(str(path), tp_size=tp, **kw)
     try:
         pids = engine.runner.rank_pids() if tp > 1 else []
         outs = engine.generate(input_ids=PROMPTS, sampling_params=PARAMS)
@@ -46,6 +40,14 @@ def test_tp2_compiled_decode_matches_tp1(tmp_path):
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "llama", vocab_size=511)
     want, _ = greedy(path, 1)
     got, _ = greedy(path, 2, enable_torch_compile=True, torch_compile_max_bs=4)
+    assert got == want
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL path: needs 2 CUDA devices")
+def test_tp2_nccl_matches_tp1(tmp_path):
+    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "llama", vocab_size=511)
+    want, _ = greedy(path, 1, device="cuda")
+    got, _ = greedy(path, 2, device="cuda")
     assert got == want
 
 

@@ -8,18 +8,11 @@ from transformers import AutoConfig
 
 from research_rt.distributed.group import TPInfo
 from research_rt.loader.tp_sharding import TPPlan
+from tests.conftest import TINY_COMMON
 
 
 def config(**kw):
-    base = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=11,
-    )
-    return AutoConfig.for_model("llama", **{**base, **kw})
+    return AutoConfig.for_model("llama", **{**TINY_COMMON, "num_hidden_layers": 1, "vocab_size": 11, **kw})
 
 
 def shards(cfg, name, tensor, size=2):
