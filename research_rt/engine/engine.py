@@ -33,9 +33,7 @@ from research_rt.engine.refit import RefitMixin
 from research_rt.engine.score import ScoreMixin
 from research_rt.engine.tokenize import TokenizeMixin
 from research_rt.engine.weights import update_weights_on_scheduler
-from research_rt.executor.encoder_runner import EncoderRunner
-from research_rt.executor.model_runner import ModelRunner
-from research_rt.executor.tp_runner import TPModelRunner
+from research_rt.executor.tp_runner import runner_class
 from research_rt.frontend.embedding_input import (
     NOT_GENERATION,
 )
@@ -90,7 +88,7 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
         args = self.server_args
         try:
             with torch.inference_mode():
-                self.runner = self._runner_class()(args, self.source, self.config)
+                self.runner = runner_class(self._is_encoder, args.tp_size)(args, self.source, self.config)
             self.context_len = self.runner.context_len
             self.max_total_num_tokens = self.runner.max_total_num_tokens
             self.max_running_requests = self.runner.max_running_requests
@@ -120,13 +118,6 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
             return
         ready.set()
         self.scheduler.run_forever(self._stop)
-
-    def _runner_class(self) -> type:
-        if self._is_encoder:
-            if self.server_args.tp_size > 1:
-                raise ValueError("--tp-size > 1 supports decoder models only")
-            return EncoderRunner
-        return TPModelRunner if self.server_args.tp_size > 1 else ModelRunner
 
     # ---------------------------------------------------------------- plumbing
     def _on_output(self, outs: list[ReqOutput]) -> None:

@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from research_rt.core.forward_batch import ForwardBatch
 from research_rt.distributed.group import destroy_tp_group, init_tp_group
+from research_rt.executor.encoder_runner import EncoderRunner
 from research_rt.executor.model_runner import ModelRunner
 from research_rt.executor.tp_messages import all_ok, broadcast_command, step_message
 from research_rt.executor.tp_worker import threads_per_rank, worker_main
@@ -116,3 +117,12 @@ class TPModelRunner(ModelRunner):
                 proc.kill()
                 proc.join()
         self._procs = []
+
+
+def runner_class(is_encoder: bool, tp_size: int) -> type:
+    """The runner for a model: encoders run at tp 1 only; decoders at tp > 1 get TPModelRunner."""
+    if is_encoder:
+        if tp_size > 1:
+            raise ValueError("--tp-size > 1 supports decoder models only")
+        return EncoderRunner
+    return TPModelRunner if tp_size > 1 else ModelRunner
