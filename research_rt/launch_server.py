@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
         args = ServerArgs.from_cli_args(ns)
     except ValueError as e:
         parser.error(str(e))
-    if args.tp_size != 1:
-        parser.error("--tp-size must be 1 (research_rt has no tensor parallelism).")
+    if args.tp_size < 1:
+        parser.error("--tp-size must be at least 1.")
     if args.dp_size < 1:
         parser.error("--dp-size must be at least 1.")
     return args

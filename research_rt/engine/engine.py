@@ -33,8 +33,7 @@ from research_rt.engine.refit import RefitMixin
 from research_rt.engine.score import ScoreMixin
 from research_rt.engine.tokenize import TokenizeMixin
 from research_rt.engine.weights import update_weights_on_scheduler
-from research_rt.executor.encoder_runner import EncoderRunner
-from research_rt.executor.model_runner import ModelRunner
+from research_rt.executor.tp_runner import runner_class
 from research_rt.frontend.embedding_input import (
     NOT_GENERATION,
 )
@@ -89,9 +88,7 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
         args = self.server_args
         try:
             with torch.inference_mode():
-                self.runner = (EncoderRunner if self._is_encoder else ModelRunner)(
-                    args, self.source, self.config
-                )
+                self.runner = runner_class(self._is_encoder, args.tp_size)(args, self.source, self.config)
             self.context_len = self.runner.context_len
             self.max_total_num_tokens = self.runner.max_total_num_tokens
             self.max_running_requests = self.runner.max_running_requests
@@ -291,6 +288,9 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        close = getattr(getattr(self, "runner", None), "close", None)  # tp > 1: stop the other ranks
+        if close is not None:
+            close()
 
     def __enter__(self) -> Engine:
         return self

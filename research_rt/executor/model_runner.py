@@ -18,12 +18,14 @@ from research_rt.cache.kv_pool import KVPool, ReqToTokenPool
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.core.quant_config import WeightOnlyConfig
 from research_rt.core.req import Req
+from research_rt.distributed.group import TPInfo
 from research_rt.executor.attention import create_backend
 from research_rt.executor.expert_distribution import ExpertDistributionRecorder
 from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.interventions import Segment, build_interventions, collect_captures
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
+from research_rt.loader.tp_sharding import TPPlan
 from research_rt.models.layers.quant import quantize_model
 from research_rt.server_args import ServerArgs
 
@@ -43,11 +45,15 @@ class StepInput:
 
 
 class ModelRunner:
-    def __init__(self, args: ServerArgs, source: ModelSource, config: Any) -> None:
+    """One process's model and KV pool; at tp > 1 rank `tp_rank`'s shard of both (tp_runner.py)."""
+
+    def __init__(self, args: ServerArgs, source: ModelSource, config: Any, tp_rank: int = 0) -> None:
         self.args = args
         self.device = torch.device(args.device)
         self.context_len = context_length(config, args.context_length)
-        loaded = load_model(source, args.dtype, args.device, args.load_format, config=config)
+        tp = TPInfo(tp_rank, args.tp_size)
+        self.plan = TPPlan(config, tp) if tp.size > 1 else None
+        loaded = load_model(source, args.dtype, args.device, args.load_format, config=config, plan=self.plan)
         self.model, self.config, self.dtype = loaded.model, loaded.config, loaded.dtype
         self.weight_quant = WeightOnlyConfig.parse(args.torchao_config)
         self._quantize()
@@ -65,6 +71,7 @@ class ModelRunner:
         self.attn_backend = create_backend(args.attention_backend)
         self.graph_runner: DecodeGraphRunner | None = None
         self.expert_recorder = _make_expert_recorder(self.model)
+        self.start_ranks()  # tp > 1: the ranks meet here, before the first (warm-up) forward
         # MoE layers dispatch without host sync while captured (moe.select_dispatch); recording
         # batches run eager (forward), so MoE models are captured too
         use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph
@@ -92,6 +99,9 @@ class ModelRunner:
             return
         logger.info("Compiling the decode step in the background; decode batches run eager until it is ready")
         gr.warm_up_in_background(on_error=lambda e: None)
+
+    def start_ranks(self) -> None:
+        """Nothing at tp 1 (tp_runner.py starts or joins the other ranks)."""
 
     def _quantize(self) -> None:
         if self.weight_quant is None:
@@ -186,18 +196,22 @@ class ModelRunner:
         DECODE batches go through the compiled / graph-captured step when one exists (hidden states
         are then not returned); a batch with interventions runs eager, and what its requests
         capture goes to their stores."""
-        if (
-            self.graph_runner is not None
-            and batch.interventions is None
-            and batch.expert_recorder is None  # recording runs eager so the layers see the recorder
-            and self.graph_runner.can_run(batch)
-        ):
+        if self.runs_compiled(batch):
             return self.graph_runner.run(batch)[logit_rows.to(self.device)].float().cpu(), None
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if batch.interventions is not None:
             collect_captures(batch.interventions, hidden, self.model)
         selected = hidden[logit_rows.to(hidden.device)]
         return self.model.compute_logits(selected).cpu(), selected
+
+    def runs_compiled(self, batch: ForwardBatch) -> bool:
+        """Whether `forward` takes the compiled / graph-captured step for `batch`."""
+        return (
+            self.graph_runner is not None
+            and batch.interventions is None
+            and batch.expert_recorder is None  # recording runs eager so the layers see the recorder
+            and self.graph_runner.can_run(batch)
+        )
 
     def _interventions(self, items: list[StepInput]):
         segments, row = [], 0
@@ -223,7 +237,7 @@ class ModelRunner:
         from research_rt.loader.model_loader import load_weights_into
 
         with torch.inference_mode():
-            load_weights_into(self.model, source, load_format, progress=False)
+            load_weights_into(self.model, source, load_format, progress=False, plan=self.plan)
             self._quantize()
 
     def update_weights_from_tensors(
@@ -233,7 +247,7 @@ class ModelRunner:
         from research_rt.loader.model_loader import copy_named_tensors
 
         with torch.inference_mode():
-            copy_named_tensors(self.model, named, direct)
+            copy_named_tensors(self.model, named, direct, plan=self.plan)
             self._quantize()
 
 

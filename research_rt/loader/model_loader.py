@@ -135,9 +135,10 @@ def weight_iterator(source: ModelSource, load_format: str) -> tuple[Any, int]:
 
 
 def load_weights_into(
-    model: torch.nn.Module, source: ModelSource, load_format: str, progress: bool = True
+    model: torch.nn.Module, source: ModelSource, load_format: str, progress: bool = True, plan: Any = None
 ) -> None:
-    """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays valid)."""
+    """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays
+    valid); with a tensor-parallel `plan` (tp_sharding.TPPlan), each tensor is cut to this rank's shard."""
     if load_format == "dummy":
         gen = torch.Generator().manual_seed(0)
         for p in model.parameters():
@@ -145,21 +146,23 @@ def load_weights_into(
         return
     weights, total = weight_iterator(source, load_format)
     bar = tqdm(weights, total=total, desc="Loading weights", disable=not progress, unit="tensor")
-    loaded = model.load_weights(bar)
+    loaded = model.load_weights(bar if plan is None else plan.shard(bar))
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
 
 
 def copy_named_tensors(
-    model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]], direct: bool = False
+    model: torch.nn.Module, named: Iterable[tuple[str, torch.Tensor]], direct: bool = False, plan: Any = None
 ) -> None:
     """Copy (name, tensor) pairs into `model`'s existing parameters (an update from tensors).
     Checkpoint names by default, through `model.load_weights` (fused projections and all); with
     `direct`, the model's own parameter names, all checked before anything is copied."""
     named = list(named)
+    if plan is not None and direct:
+        raise ValueError("load_format 'direct' names this runtime's parameters, which tp > 1 shards")
     if not direct:
-        model.load_weights(iter(named))
+        model.load_weights(iter(named) if plan is None else plan.shard(named))
         return
     params = dict(model.named_parameters())
     for name, tensor in named:
@@ -174,12 +177,22 @@ def copy_named_tensors(
 
 
 def load_model(
-    source: ModelSource, dtype: str, device: str, load_format: str = "auto", config: Any = None
+    source: ModelSource,
+    dtype: str,
+    device: str,
+    load_format: str = "auto",
+    config: Any = None,
+    plan: Any = None,
 ) -> LoadedModel:
+    """The model of `config` with its weights; with a tensor-parallel `plan`, this rank's shard of
+    it (built from the plan's per-rank config, its parallel layers swapped in)."""
     config = config or load_config(source)
     torch_dtype = resolve_dtype(dtype, config, device)
-    model = build_model(config, torch_dtype, device)
-    load_weights_into(model, source, load_format)
+    if plan is None:
+        model = build_model(config, torch_dtype, device)
+    else:
+        model = plan.parallelize(build_model(plan.rank_config(), torch_dtype, device))
+    load_weights_into(model, source, load_format, plan=plan)
     logger.info(
         "Loaded %s (%s, %.1fM parameters)",
         source.path,
