@@ -79,3 +79,9 @@ def test_random_mask_and_compiled_graph():
     ref = reference(q, k_buf, v_buf, meta, 0.125)
     compiled = torch.compile(lambda *a: op(*a, 0.125), fullgraph=True)
     torch.testing.assert_close(compiled(q, k_buf, v_buf, meta.kv_indices, mask), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_switch_off_gives_pytorch_path(monkeypatch):
+    monkeypatch.setenv("RESEARCH_RT_CPU_KERNELS", "0")
+    assert decode_attention_op() is None
+    assert TorchNativeAttnBackend().decode_op is None

@@ -152,7 +152,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         bs, kvh, d = batch.batch_size, layer.num_kv_heads, layer.head_dim
         group = layer.num_heads // kvh
         meta = batch.attn_metadata
-        if self.decode_op is not None and q.device.type == "cpu" and q.dtype == k_buf.dtype in _OP_DTYPES:
+        # batch 1 only: measured 2x Inductor's fused decode there, but slower at batch 64 (RESULTS.md)
+        use_op = self.decode_op is not None and bs == 1 and q.device.type == "cpu"
+        if use_op and q.dtype == k_buf.dtype in _OP_DTYPES:
             queries = q.reshape(bs, layer.num_heads, d)
             return self.decode_op(queries, k_buf, v_buf, meta.kv_indices, meta.attn_mask, layer.scaling)
         keys = k_buf[meta.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
