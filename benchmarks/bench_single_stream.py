@@ -10,7 +10,14 @@ import json
 
 import torch
 
-from benchmarks.common import STORY, hf_generate_tokens_per_s, load_hf_smollm, timed
+from benchmarks.common import (
+    STORY,
+    hf_generate_tokens_per_s,
+    load_hf_smollm,
+    read_bandwidth_bytes_per_s,
+    timed,
+    weight_bytes_per_token,
+)
 
 CONFIGS = {
     "eager-fp32": dict(dtype="float32", enable_torch_compile=False),
@@ -41,11 +48,17 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = {}
+    bound = {}  # dtype -> the read-bandwidth bound in tok/s, measured in this run
     for name in filter(None, args.configs.split(",")):
         tps, warm = research_rt_tokens_per_s(CONFIGS[name], args.new_tokens)
         rows[f"research_rt {name}"] = tps
+        dt = torch.float32 if CONFIGS[name]["dtype"] == "float32" else torch.bfloat16
+        if dt not in bound:
+            bound[dt] = read_bandwidth_bytes_per_s() / weight_bytes_per_token(dt)
+            rows[f"bandwidth bound {dt}".replace("torch.", "")] = bound[dt]
         print(
-            f"research_rt {name:14s} {tps:7.1f} tok/s   (first request {warm:.1f} s)",
+            f"research_rt {name:14s} {tps:7.1f} tok/s   (first request {warm:.1f} s; "
+            f"{tps / bound[dt]:.0%} of the {bound[dt]:.0f} tok/s read-bandwidth bound)",
             flush=True,
         )
     for dt in filter(None, args.hf.split(",")):

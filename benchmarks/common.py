@@ -63,3 +63,17 @@ def hf_generate_tokens_per_s(model, prompts: list[list[int]], new_tokens: int, b
         elapsed += dt
         total += new_tokens * len(chunk)
     return total / elapsed
+
+
+def read_bandwidth_bytes_per_s(gib: int = 1, repeats: int = 5) -> float:
+    """Memory read bandwidth of this run: the best of `repeats` `torch.sum` over `gib` GiB."""
+    x = torch.ones(gib << 28, dtype=torch.float32)
+    x.sum()
+    best = min(timed(x.sum)[0] for _ in range(repeats))
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(dtype: torch.dtype) -> int:
+    """Bytes a batch-1 decode step reads: every parameter once (a tied head counted once)."""
+    model = load_hf_smollm(dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())

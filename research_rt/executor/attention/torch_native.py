@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.attention.base import AttentionBackend
+from research_rt.executor.attention.cpu_kernels import decode_attention_op
 
 
 @dataclass
@@ -66,11 +67,18 @@ def build_attention_metadata(
     return kv_indices, mask, q_gather, q_scatter
 
 
+_OP_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ decode op computes in
+
+
 class TorchNativeAttnBackend(AttentionBackend):
     """Batched SDPA over gathered KV. Works on any device torch supports."""
 
     name = "torch_native"
     metadata_cls = TorchNativeMetadata
+
+    def __init__(self) -> None:
+        # the C++ decode op (cpu_kernels.py) where it builds; None: the PyTorch code below
+        self.decode_op = decode_attention_op()
 
     def build_metadata(self, mode, prefix_lens, extend_lens, kv_rows, device="cpu") -> TorchNativeMetadata:
         kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
@@ -135,15 +143,20 @@ class TorchNativeAttnBackend(AttentionBackend):
         out = out.transpose(1, 2).reshape(-1, layer.num_heads * layer.head_dim)
         return out[meta.q_scatter]
 
-    @staticmethod
     def _decode(
-        q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
+        self, q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
     ) -> torch.Tensor:
         """One query per request, written out (no SDPA kernel launch per layer): the query heads of
-        a KV group share one matmul against that group's keys; softmax in float32."""
+        a KV group share one matmul against that group's keys; softmax in float32. On CPU the C++
+        op does the same reading each pool row once, without gathering keys into a padded tensor."""
         bs, kvh, d = batch.batch_size, layer.num_kv_heads, layer.head_dim
         group = layer.num_heads // kvh
         meta = batch.attn_metadata
+        # batch 1 only: measured 2x Inductor's fused decode there, but slower at batch 64 (RESULTS.md)
+        use_op = self.decode_op is not None and bs == 1 and q.device.type == "cpu"
+        if use_op and q.dtype == k_buf.dtype in _OP_DTYPES:
+            queries = q.reshape(bs, layer.num_heads, d)
+            return self.decode_op(queries, k_buf, v_buf, meta.kv_indices, meta.attn_mask, layer.scaling)
         keys = k_buf[meta.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
         values = v_buf[meta.kv_indices].to(q.dtype)
         if torch.compiler.is_compiling():
