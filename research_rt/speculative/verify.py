@@ -87,7 +87,7 @@ class VerifyRunner:
         torch._dynamo.mark_dynamic(inputs["kv_indices"], 1)
         torch._dynamo.mark_dynamic(inputs["attn_mask"], 3)
         if bs > 1:
-            for name, value in inputs.items():
+            for value in inputs.values():
                 torch._dynamo.mark_dynamic(value, 0, min=2, max=MAX_DYNAMIC_BATCH * width)
         key = min(bs, 2)
         t0 = time.monotonic()
