@@ -79,3 +79,19 @@ def test_sampling_and_fallback_requests_finish(spec_engine):
     assert lp["meta_info"]["spec_verify_ct"] == 0
     assert len(lp["meta_info"]["output_token_logprobs"]) == 20
     spec_engine.check_pool_integrity()
+
+
+def test_real_model_copy_prompt_identical_with_acceptance():
+    """SmolLM2-135M (float32): repeating a given paragraph accepts drafts and keeps every token."""
+    text = (
+        "<|im_start|>user\nRepeat this sentence exactly: The quick brown fox jumps over the lazy dog "
+        "near the river bank.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+    with research_rt.Engine(dtype="float32", max_total_tokens=2048) as plain:
+        want = plain.generate(text, params)["output_ids"]
+    with research_rt.Engine(dtype="float32", max_total_tokens=2048, **SPEC) as spec:
+        got = spec.generate(text, params)
+        spec.check_pool_integrity()
+    assert got["output_ids"] == want
+    assert got["meta_info"]["spec_accept_token_num"] > 0
