@@ -23,6 +23,7 @@ from research_rt.speculative.ngram import NgramMatcher
 from research_rt.speculative.verify import VerifyRunner
 
 MIN_DRAFTED_SHARE = 0.5  # verify only when at least this share of the batch has a draft
+MAX_BACKOFF = 16  # decode steps a request skips drafting after verifies that accepted nothing
 
 
 class SpeculativeDecoder:
@@ -38,9 +39,16 @@ class SpeculativeDecoder:
         )
         self.verify = VerifyRunner(runner, self.k + 1, bool(args.enable_torch_compile))
         self.matchers: dict[str, NgramMatcher] = {}
+        # adaptive disabling: rid -> (steps left to skip, current backoff); a verify that accepts
+        # nothing doubles the backoff (up to MAX_BACKOFF), one that accepts resets it
+        self.backoff: dict[str, tuple[int, int]] = {}
 
     def _draft(self, req: Req) -> list[int]:
         if not can_speculate(req):
+            return []
+        skip, backoff = self.backoff.get(req.rid, (0, 0))
+        if skip:
+            self.backoff[req.rid] = (skip - 1, backoff)
             return []
         matcher = self.matchers.get(req.rid)
         if matcher is None:
@@ -89,7 +97,10 @@ class SpeculativeDecoder:
             self.output.append_run(req, run)
             req.spec_verify_ct = (req.spec_verify_ct or 0) + 1
             req.spec_draft_token_num += len(drafts[i])
-            req.spec_accept_token_num += min(len(run) - 1, len(drafts[i]))
+            accepted = min(len(run) - 1, len(drafts[i]))
+            req.spec_accept_token_num += accepted
+            backoff = 0 if accepted else min(2 * self.backoff.get(req.rid, (0, 0))[1] or 1, MAX_BACKOFF)
+            self.backoff[req.rid] = (backoff, backoff)
         for req, n in zip(reqs, before):
             emitted = len(req.output_ids) - n  # KV holds the last token and the emitted ones but the last
             row = req.req_pool_row
@@ -100,7 +111,9 @@ class SpeculativeDecoder:
             if req.finished:
                 self.cache.cache_req(req, finished=True)
                 self.matchers.pop(req.rid, None)
+                self.backoff.pop(req.rid, None)
         if len(self.matchers) > 2 * len(reqs) + 16:  # requests that ended elsewhere (aborts, ...)
             live = {r.rid for r in reqs}
             self.matchers = {rid: m for rid, m in self.matchers.items() if rid in live}
+            self.backoff = {rid: b for rid, b in self.backoff.items() if rid in live}
         self.output.emit(reqs)
