@@ -48,6 +48,7 @@ def main() -> None:
     )
     grammar = run("benchmarks.bench_grammar", "--batch-sizes", "1,8")
     interventions = run("benchmarks.bench_interventions")
+    speculative = run("benchmarks.bench_speculative")
     results = {
         "single_stream_tok_s": single,
         "latency": latency,
@@ -55,6 +56,7 @@ def main() -> None:
         "serving": serving,
         "grammar": grammar,
         "interventions": interventions,
+        "speculative": speculative,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
     }
     (OUT / "results.json").write_text(json.dumps(results, indent=2))
@@ -101,6 +103,11 @@ def main() -> None:
         + f" | steer +{iv['steer: extra ms per token vs compiled']:.1f} ms/token |",
         f"| interventions, batch 8 (tok/s): plain / one request steers | {iv['batch 8 plain (tok/s)']:.1f} / "
         f"{iv['batch 8, one steers (tok/s)']:.1f} | | |",
+    ]
+    lines += [
+        f"| n-gram speculation, 1 stream, {name} (tok/s) | {row['on tok/s']:.1f} (accept length "
+        f"{row['spec_accept_length']:.2f}) | speculation off {row['off tok/s']:.1f} | {row['speedup']:.2f}x |"
+        for name, row in speculative.items()
     ]
     print("\n".join(lines))
     (OUT / "table.md").write_text("\n".join(lines) + "\n")

@@ -78,7 +78,22 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int | None = None
     attention_backend: str | None = None
-    torchao_config: str = ""  # weight-only quantization for batch-1 decode: int8wo, int4wo-<group>
+    torchao_config: str = ""
+
+    # Speculative decoding (SGLang's flags): only NGRAM (prompt lookup, scheduler/speculative.py).
+    # The n-gram trie flags (bfs breadth, match type, branch length, capacity) are accepted and
+    # ignored: drafts are one chain from the last earlier occurrence in the request's own tokens.
+    speculative_algorithm: str | None = None
+    speculative_num_draft_tokens: int | None = None  # None: 4 with NGRAM
+    speculative_ngram_min_match_window_size: int = 1
+    speculative_ngram_max_match_window_size: int = 12
+    speculative_ngram_min_bfs_breadth: int = 1
+    speculative_ngram_max_bfs_breadth: int = 10
+    speculative_ngram_match_type: str = "BFS"
+    speculative_ngram_branch_length: int = 18
+    speculative_ngram_capacity: int = (
+        10_000_000  # weight-only quantization for batch-1 decode: int8wo, int4wo-<group>
+    )
 
     # Features
     enable_custom_logit_processor: bool = False
@@ -122,6 +137,16 @@ class ServerArgs:
         if self.page_size != 1:
             raise ValueError("only page_size 1 is supported")
         WeightOnlyConfig.parse(self.torchao_config)  # raises on an unknown spelling
+        if self.speculative_algorithm not in (None, "NGRAM"):
+            raise ValueError(
+                f"speculative_algorithm: only NGRAM is supported, got {self.speculative_algorithm!r}"
+            )
+        if (
+            not 1
+            <= self.speculative_ngram_min_match_window_size
+            <= self.speculative_ngram_max_match_window_size
+        ):
+            raise ValueError("need 1 <= speculative_ngram_min_match_window_size <= ..._max_match_window_size")
 
     def resolved(self, environ: dict[str, str] | None = None) -> ServerArgs:
         """These args with the launch-time defaults filled in (idempotent): the device ("auto":
@@ -142,6 +167,8 @@ class ServerArgs:
             changes["chunked_prefill_size"] = 2048 if device == "cuda" else 512
         if self.cuda_graph_max_bs is None:
             changes["cuda_graph_max_bs"] = 160
+        if self.speculative_algorithm and self.speculative_num_draft_tokens is None:
+            changes["speculative_num_draft_tokens"] = 4
         if self.disable_torch_compile:
             changes["enable_torch_compile"] = False
         elif self.enable_torch_compile is None:
@@ -199,6 +226,11 @@ COMPAT_ONLY = (
     "disable_overlap_schedule",
     "sampling_backend",
     "grammar_backend",
+    "speculative_ngram_min_bfs_breadth",
+    "speculative_ngram_max_bfs_breadth",
+    "speculative_ngram_match_type",
+    "speculative_ngram_branch_length",
+    "speculative_ngram_capacity",
 )
 
 

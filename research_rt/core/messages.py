@@ -91,6 +91,7 @@ class ReqOutput:
     embedding: list[float] | None = None
     captured: tuple[CapturedEntry, ...] | None = None  # the request's `capture`, once finished
     error: tuple[str, int] | None = None  # (message, HTTP status) of an abort meant as a client error
+    spec: tuple[int, int, int] | None = None  # (verify forwards, drafted, accepted) when speculating
 
     @property
     def finished(self) -> bool:
@@ -130,6 +131,9 @@ class ReqOutput:
             embedding=req.embedding,
             captured=_captured(req),
             error=req.error,
+            spec=None
+            if req.spec_verify_ct is None
+            else (req.spec_verify_ct, req.spec_draft_token_num, req.spec_accept_token_num),
         )
 
 

@@ -76,6 +76,12 @@ class Req:
     cached_tokens: int = 0
     is_retracted: bool = False
 
+    # speculative decoding (--speculative-algorithm): verify forwards run for this request (None:
+    # speculation off), draft tokens proposed and accepted in them
+    spec_verify_ct: int | None = None
+    spec_draft_token_num: int = 0
+    spec_accept_token_num: int = 0
+
     # Logprob accumulators (v0.4.5 layout, see native_api.md §2.5)
     input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)
     input_top_logprobs: list[list[tuple[float, int]] | None] = field(default_factory=list)

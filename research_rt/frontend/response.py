@@ -47,6 +47,8 @@ def generate_response(
             meta["output_token_ids_logprobs"] = [fmt(x) for x in lp.output_token_ids_logprobs or []]
     meta["completion_tokens"] = out.completion_tokens
     meta["cached_tokens"] = out.cached_tokens
+    if out.spec is not None:
+        meta.update(spec_meta_info(*out.spec))
     if out.hidden_states is not None:
         meta["hidden_states"] = out.hidden_states
     if out.captured is not None:
@@ -106,3 +108,15 @@ def embedding_response(out: ReqOutput, weight_version: str | None = None) -> dic
         meta["weight_version"] = weight_version
     meta["e2e_latency"] = out.e2e_latency
     return {"embedding": out.embedding, "meta_info": meta}
+
+
+def spec_meta_info(verify_ct: int, drafted: int, accepted: int) -> dict[str, Any]:
+    """SGLang's speculative fields: verify forwards, draft tokens proposed / accepted, their ratio,
+    and tokens emitted per verify forward (accepted drafts + the target's own token)."""
+    return {
+        "spec_verify_ct": verify_ct,
+        "spec_draft_token_num": drafted,
+        "spec_accept_token_num": accepted,
+        "spec_accept_rate": accepted / drafted if drafted else 0.0,
+        "spec_accept_length": (accepted + verify_ct) / verify_ct if verify_ct else 0.0,
+    }

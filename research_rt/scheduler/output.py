@@ -55,6 +55,14 @@ class OutputProcessor:
         for i, (req, tok) in enumerate(zip(reqs, result.next_ids)):
             self.guarded(req, lambda req=req, tok=tok, i=i: self._append(req, tok, result.logprobs, i))
 
+    def append_run(self, req: Req, tokens: list[int]) -> None:
+        """Append a speculative step's accepted run one token at a time, as decode steps would;
+        tokens past the one that finishes the request are dropped."""
+        for tok in tokens:
+            if req.finished:
+                break
+            self.guarded(req, lambda tok=tok: self._append(req, tok, None, 0))
+
     def _append(self, req: Req, tok: int, logprobs: torch.Tensor | None, row: int) -> None:
         req.output_ids.append(tok)
         if req.return_logprob:

@@ -29,6 +29,7 @@ from research_rt.scheduler.output import OutputProcessor, record_prefill
 from research_rt.scheduler.pause import PauseMixin
 from research_rt.scheduler.prefill import PrefillAdder, PrefillItem, logit_rows
 from research_rt.scheduler.priority import PriorityPolicy
+from research_rt.scheduler.speculative import SpeculativeDecoder
 from research_rt.scheduler.stats import SchedulerStats, StepCounters, log_decode, log_prefill, snapshot
 
 logger = logging.getLogger("research_rt.scheduler")
@@ -53,6 +54,11 @@ class Scheduler(PauseMixin, SchedulerLoop):
         self.adder = PrefillAdder(self.cache, args, self.max_running, self.counters, preemptor)
         self.output = OutputProcessor(tokenizer, on_output)
         self.sampler = Sampler()
+        self.speculative = (
+            SpeculativeDecoder(runner, self.cache, self.output, self.sampler, args)
+            if args.speculative_algorithm
+            else None
+        )
         self.waiting: list[Req] = []
         self.running: list[Req] = []
         self.chunked: Req | None = None
@@ -78,6 +84,8 @@ class Scheduler(PauseMixin, SchedulerLoop):
     # ================================================================ messages
     def add_request(self, req: Req) -> None:
         self.output.add(req)
+        if self.speculative is not None:
+            req.spec_verify_ct = 0
         self.waiting.append(req)
 
     def abort(self, rid: str | None) -> None:
@@ -177,6 +185,10 @@ class Scheduler(PauseMixin, SchedulerLoop):
     def _run_decode(self) -> None:
         reqs = self._prepare_decode()
         if not reqs:
+            return
+        if self.speculative is not None and self.speculative.step(reqs):
+            self._after_decode(reqs)
+            self.run_step_hooks()
             return
         out_loc = self.cache.req_to_token.table[
             torch.tensor([r.req_pool_row for r in reqs]), torch.tensor([r.kv_len for r in reqs])
