@@ -96,6 +96,7 @@ class DecodeGraphRunner:
         # capture on first use, so every family is open from the start
         self.ready_families: set[int] = {1, 2} if self.use_cuda_graph else set()
         self.compiled_all = threading.Event()
+        self.stop_compile = threading.Event()  # set at shutdown: compile no further family
         if self.use_cuda_graph:
             self.compiled_all.set()
 
@@ -187,6 +188,8 @@ class DecodeGraphRunner:
 
     def _compile_families(self) -> None:
         for bs in (1, min(2, self.buckets[-1])):
+            if self.stop_compile.is_set():
+                return
             bucket = bucket_for(bs, self.buckets)
             assert bucket is not None
             zeros = torch.zeros(bucket, dtype=torch.int64, device=self.device)

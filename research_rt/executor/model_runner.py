@@ -100,6 +100,12 @@ class ModelRunner:
         logger.info("Compiling the decode step in the background; decode batches run eager until it is ready")
         gr.warm_up_in_background(on_error=lambda e: None)
 
+    def close(self) -> None:
+        """At shutdown: a background compile stops before its next shape family (one already
+        compiling runs to its end; it cannot be interrupted)."""
+        if self.graph_runner is not None:
+            self.graph_runner.stop_compile.set()
+
     def start_ranks(self) -> None:
         """Nothing at tp 1 (tp_runner.py starts or joins the other ranks)."""
 

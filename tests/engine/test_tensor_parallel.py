@@ -15,6 +15,7 @@ PARAMS = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
 
 def greedy(path, tp: int, **kw) -> tuple[list[list[int]], list[int]]:
     kw = {"dtype": "float32", "random_seed": 0, "skip_tokenizer_init": True, "max_total_tokens": 2048, **kw}
+    kw.setdefault("disable_torch_compile", not kw.get("enable_torch_compile"))  # eager unless asked
     engine = research_rt.Engine(str(path), tp_size=tp, **kw)
     try:
         pids = engine.runner.rank_pids() if tp > 1 else []

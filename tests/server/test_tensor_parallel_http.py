@@ -6,7 +6,7 @@ from __future__ import annotations
 import psutil
 import requests
 
-import research_rt
+from tests.conftest import eager_engine
 from tests.server.server_harness import stop_server
 
 PROMPT = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 16}}
@@ -19,7 +19,7 @@ def gen(server) -> list[int]:
 
 
 def tp1_ids(path) -> list[int]:
-    engine = research_rt.Engine(str(path), dtype="float32", random_seed=0, max_total_tokens=40000)
+    engine = eager_engine(str(path), dtype="float32", random_seed=0, max_total_tokens=40000)
     try:
         return engine.generate(PROMPT["text"], PROMPT["sampling_params"])["output_ids"]
     finally:

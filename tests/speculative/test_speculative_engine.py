@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-import research_rt
+from tests.conftest import eager_engine
 
 SPEC = {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 4}
 
@@ -24,7 +24,7 @@ def copy_prompts(n: int, seed: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def spec_engine(tiny_llama_dir):
-    engine = research_rt.Engine(str(tiny_llama_dir), dtype="float32", random_seed=0, **SPEC)
+    engine = eager_engine(str(tiny_llama_dir), dtype="float32", random_seed=0, **SPEC)
     yield engine
     engine.shutdown()
 
@@ -81,16 +81,17 @@ def test_sampling_and_fallback_requests_finish(spec_engine):
     spec_engine.check_pool_integrity()
 
 
-def test_real_model_copy_prompt_identical_with_acceptance():
-    """SmolLM2-135M (float32): repeating a given paragraph accepts drafts and keeps every token."""
+def test_real_model_copy_prompt_identical_with_acceptance(smollm_compiled_engine):
+    """SmolLM2-135M (float32): repeating a given paragraph accepts drafts and keeps every token
+    (against the compiled non-speculative engine; the speculative one runs eager)."""
     text = (
         "<|im_start|>user\nRepeat this sentence exactly: The quick brown fox jumps over the lazy dog "
         "near the river bank.<|im_end|>\n<|im_start|>assistant\n"
     )
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
-    with research_rt.Engine(dtype="float32", max_total_tokens=2048) as plain:
-        want = plain.generate(text, params)["output_ids"]
-    with research_rt.Engine(dtype="float32", max_total_tokens=2048, **SPEC) as spec:
+    smollm_compiled_engine.flush_cache()
+    want = smollm_compiled_engine.generate(text, params)["output_ids"]
+    with eager_engine(dtype="float32", max_total_tokens=2048, **SPEC) as spec:
         got = spec.generate(text, params)
         spec.check_pool_integrity()
     assert got["output_ids"] == want
