@@ -118,10 +118,17 @@ async def health(request: Request) -> HTTPResponse:
 
 
 async def health_generate(request: Request) -> HTTPResponse:
-    """200 as soon as a one-token generation produces any output, 503 otherwise (20 s)."""
+    """200 as soon as a one-token generation produces any output, 503 otherwise (20 s).
+
+    While generation is paused (`/pause_generation`) it answers 200 without a probe: the probe
+    would wait for `/continue_generation` like any request and time out, and a router or
+    orchestrator would then take a worker that is merely being refit for dead. (SGLang probes and
+    answers 503 after its timeout.)"""
     state = _state(request)
     if not is_ready(request.app):
         return raw(b"", status=503, content_type="text/plain; charset=utf-8")
+    if state.engine.paused is not None:
+        return raw(b"", status=200, content_type="text/plain; charset=utf-8")
     if state.engine.is_embedding:  # SGLang sends EmbeddingReqInput(input_ids=[0])
         try:
             await asyncio.wait_for(

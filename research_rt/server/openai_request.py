@@ -77,6 +77,7 @@ COMMON_FIELDS: dict[str, tuple[Any, str]] = {
     "skip_special_tokens": (is_bool, "a boolean"),
     "stream": (is_bool, "a boolean"),
     "stream_options": (lambda v: isinstance(v, dict), "an object"),
+    "priority": (is_int, "an integer"),  # SGLang 0.5; used with --enable-priority-scheduling
 }
 COMPLETION_FIELDS = {**COMMON_FIELDS, "echo": (is_bool, "a boolean")}
 CHAT_FIELDS = {
@@ -213,6 +214,7 @@ def completion_input(body: dict[str, Any], vocab: int) -> tuple[GenerateInput, i
         logprob_start_len=0 if echo and logprobs is not None else -1,
         return_text_in_logprobs=True,
         stream=bool(body.get("stream", False)),
+        priority=body.get("priority"),
     )
     return obj, logprobs, echo
 
@@ -238,5 +240,6 @@ def chat_input(tokenizer: Any, body: dict[str, Any], vocab: int) -> tuple[Genera
         top_logprobs_num=top,
         return_text_in_logprobs=True,
         stream=bool(body.get("stream", False)),
+        priority=body.get("priority"),
     )
     return obj, want_lp

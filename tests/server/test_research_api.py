@@ -222,6 +222,9 @@ def test_requests_sent_while_paused_wait(server):
     t.join(1.0)
     assert t.is_alive(), "a request sent while paused did not wait"
     assert requests.get(server.base_url + "/get_load").json()[0]["num_waiting_reqs"] == 1
+    tic = time.monotonic()  # a paused server is alive: no probe that would wait for continue
+    assert requests.get(server.base_url + "/health_generate", timeout=30).status_code == 200
+    assert time.monotonic() - tic < 2.0
     post(server, "/continue_generation")
     t.join(60)
     assert result["r"].status_code == 200 and result["r"].json()["output_ids"] == ref
@@ -390,3 +393,10 @@ def test_priority_field(server):
         r.json()["error"]["message"]
         == "Field 'priority' must be an integer or a list of integers, got string."
     )
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": PROMPT, "max_tokens": 4})):
+        assert post(server, path, {**body, "priority": 7}).status_code == 200
+        r = post(server, path, {**body, "priority": "high"})
+        assert r.status_code == 400 and r.json()["message"].startswith(
+            "Field 'priority' must be an integer"
+        ), r.text
