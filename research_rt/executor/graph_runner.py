@@ -6,10 +6,13 @@ length is padded to a multiple of KV_ALIGN and marked dynamic, so one compilatio
 length. On CUDA each bucket is captured as a CUDA graph over static input buffers, largest first,
 sharing one memory pool; replay copies the step's inputs into those buffers.
 
-On CPU the two graphs (batch 1, batch 2+) compile in a background thread by default
-(`compile_in_background`): a cold compile takes about two minutes on 2 cores, and the server serves
+On CPU the two graphs (batch 1, batch 2+) compile in the background by default
+(`warm_up_in_background`): a cold compile takes about two minutes on 2 cores, and the server serves
 eagerly meanwhile, each shape family switching to its compiled graph once it is built (greedy output
-is the same either way: tests/engine/test_invariance.py). The thread ends when it is done, which also
+is the same either way: tests/engine/test_invariance.py). The cold compile runs in a child process
+(compile_worker.py) that fills Inductor's caches; then a thread compiles in this process holding the
+module-call lock in its backend (module_call_lock.py: Inductor's tracing would break eager forwards
+running meanwhile), which then only loads the built graphs. The thread ends when it is done, which also
 ends its OpenMP thread pool (a second live pool slows the scheduler's ops by half: engine.py).
 """
 
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
+from research_rt.executor.module_call_lock import inductor_under_lock
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +92,9 @@ class DecodeGraphRunner:
         # every runner compiles the one code object `_step` (2 entries per model shape): Dynamo's
         # default limit of 8 entries made the 5th distinct model in a process fail (fullgraph)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        self.compiled: Callable[..., torch.Tensor] = torch.compile(self._step, dynamic=None, fullgraph=True)
+        self.compiled: Callable[..., torch.Tensor] = torch.compile(
+            self._step, backend=inductor_under_lock, dynamic=None, fullgraph=True
+        )
         # bucket -> (graph, static inputs, static output, key capacity)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}
         self.seen_shapes: set[tuple[int, int]] = set()
@@ -162,18 +168,32 @@ class DecodeGraphRunner:
         finally:
             self.compiled_all.set()
 
-    def warm_up_in_background(self, on_error: Callable[[BaseException], None]) -> threading.Thread:
+    def warm_up_in_background(
+        self, on_error: Callable[[BaseException], None], prebuild: Callable[[], bool] | None = None
+    ) -> threading.Thread:
         """`warm_up` on a thread of its own; until a family is ready its batches run eager. A
-        failure is logged and reported to `on_error`, and decoding stays eager."""
+        failure is logged and reported to `on_error`, and decoding stays eager. `prebuild` (the
+        compile worker: it fills the compile caches in a child process) runs first, so that the
+        in-process backend, which holds the module-call lock, only loads what it built."""
 
         def main() -> None:
-            # Dynamo traces in Python, holding the GIL; every eager op of the scheduler thread
-            # releases it and must win it back, which at the default 5 ms switch interval made a
-            # 6-token warm-up request take 35 s while compiling. A 0.1 ms interval while the
-            # compile runs hands the GIL back quickly.
+            # the in-process compile traces in Python, holding the GIL; every eager op of the
+            # scheduler thread releases it and must win it back, which at the default 5 ms switch
+            # interval made a 6-token warm-up request take 35 s while compiling. A 0.1 ms interval
+            # while the compile runs hands the GIL back quickly.
             interval = sys.getswitchinterval()
             sys.setswitchinterval(COMPILE_SWITCH_INTERVAL_S)
             try:
+                if prebuild is not None:
+                    t0 = time.monotonic()
+                    built = prebuild()
+                    logger.info(
+                        "Compile worker %s in %.1f s",
+                        "done" if built else "did not finish",
+                        time.monotonic() - t0,
+                    )
+                if self.stop_compile.is_set():
+                    return
                 with torch.inference_mode():
                     self.warm_up()
             except BaseException as e:  # noqa: BLE001 - serving goes on eagerly

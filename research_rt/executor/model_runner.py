@@ -20,6 +20,7 @@ from research_rt.core.quant_config import WeightOnlyConfig
 from research_rt.core.req import Req
 from research_rt.distributed.group import TPInfo
 from research_rt.executor.attention import create_backend
+from research_rt.executor.compile_process import compile_in_child
 from research_rt.executor.expert_distribution import ExpertDistributionRecorder
 from research_rt.executor.graph_runner import DecodeGraphRunner
 from research_rt.executor.interventions import Segment, build_interventions, collect_captures
@@ -98,7 +99,13 @@ class ModelRunner:
         if gr is None or gr.compiled_all.is_set():
             return
         logger.info("Compiling the decode step in the background; decode batches run eager until it is ready")
-        gr.warm_up_in_background(on_error=lambda e: None)
+        prebuild = None
+        if type(self.model).__module__.startswith("research_rt."):  # a child can build it too
+            pool, reqs = self.max_total_num_tokens, self.max_running_requests
+            prebuild = lambda: compile_in_child(self.args, pool, reqs, gr.stop_compile)  # noqa: E731
+        else:  # a researcher's class, registered in this process only: serving waits for the compile
+            logger.info("%s is not a research_rt model: compiling in this process", type(self.model).__name__)
+        gr.warm_up_in_background(on_error=lambda e: None, prebuild=prebuild)
 
     def close(self) -> None:
         """At shutdown: a background compile stops before its next shape family (one already

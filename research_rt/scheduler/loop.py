@@ -20,6 +20,7 @@ from research_rt.core.messages import (
     SchedulerMessage,
 )
 from research_rt.core.req import Req
+from research_rt.executor.module_call_lock import MODULE_CALLS
 
 logger = logging.getLogger("research_rt.scheduler")
 
@@ -115,7 +116,8 @@ class SchedulerLoop:
     def run_forever(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                worked = self.step()
+                with MODULE_CALLS:  # not while a compile traces (executor/module_call_lock.py)
+                    worked = self.step()
             except Exception:  # never let the loop die silently: fail every request
                 logger.exception("Scheduler step failed")
                 self.fail_all(INTERNAL_ERROR)
@@ -125,4 +127,5 @@ class SchedulerLoop:
                     msg = self.inbox.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                self.handle(msg)
+                with MODULE_CALLS:
+                    self.handle(msg)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.graph_runner import KV_ALIGN, MAX_DYNAMIC_BATCH
+from research_rt.executor.module_call_lock import inductor_under_lock
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,9 @@ class VerifyRunner:
         self.width = width  # k + 1 tokens per row
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile_step:
-            self.compiled = torch.compile(self._step, dynamic=None, fullgraph=True)
+            self.compiled = torch.compile(
+                self._step, backend=inductor_under_lock, dynamic=None, fullgraph=True
+            )
         self.seen: set[int] = set()
 
     def _step(self, input_ids, positions, out_cache_loc, kv_indices, attn_mask) -> torch.Tensor:

@@ -394,7 +394,10 @@ def test_priority_field(server):
         == "Field 'priority' must be an integer or a list of integers, got string."
     )
     chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
-    for path, body in (("/v1/chat/completions", chat), ("/v1/completions", {"prompt": PROMPT, "max_tokens": 4})):
+    for path, body in (
+        ("/v1/chat/completions", chat),
+        ("/v1/completions", {"prompt": PROMPT, "max_tokens": 4}),
+    ):
         assert post(server, path, {**body, "priority": 7}).status_code == 200
         r = post(server, path, {**body, "priority": "high"})
         assert r.status_code == 400 and r.json()["message"].startswith(
