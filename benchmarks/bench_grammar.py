@@ -68,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     import research_rt
 
-    engine = research_rt.Engine(random_seed=0)
+    engine = research_rt.Engine(random_seed=0, disable_background_compile=True)
     tok = engine.tokenizer
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "Write a person record as JSON, or a list of phone numbers."}],

@@ -51,7 +51,9 @@ def main() -> None:
     args = parser.parse_args()
     params = {"temperature": 0, "max_new_tokens": args.new_tokens, "ignore_eos": True}
     rows: dict[str, float] = {}
-    common = dict(dtype="bfloat16", enable_torch_compile=True, max_total_tokens=8192)
+    common = dict(
+        dtype="bfloat16", enable_torch_compile=True, disable_background_compile=True, max_total_tokens=8192
+    )
     with research_rt.Engine(**common) as engine:
         rows["plain, interventions off (tok/s)"] = tokens_per_s(engine, params)
     with research_rt.Engine(enable_interventions=True, **common) as engine:

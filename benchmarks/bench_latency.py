@@ -25,7 +25,9 @@ def research_rt_latency(batch_sizes: list[int], prompt_len: int) -> dict[str, di
     import research_rt
 
     rows = {}
-    with research_rt.Engine(dtype="bfloat16", max_total_tokens=65536) as engine:
+    with research_rt.Engine(
+        dtype="bfloat16", max_total_tokens=65536, disable_background_compile=True
+    ) as engine:
         for i, bs in enumerate([1, *batch_sizes]):  # the first pass warms up (compiles), dropped
             prompts = _prompts(bs, prompt_len, seed=bs)
 

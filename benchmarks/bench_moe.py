@@ -124,6 +124,7 @@ def _runner(name: str, dtype: str, compile_on: bool, max_bs: int):
         max_total_tokens=max_bs * 160 + 64,
         max_running_requests=max_bs,
         enable_torch_compile=compile_on,
+        disable_background_compile=True,
         disable_torch_compile=not compile_on,
     )
     torch_dtype = resolve_dtype(dtype, cfg, "cpu")

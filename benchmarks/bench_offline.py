@@ -39,7 +39,12 @@ def throughput(dtype: str, compile_: bool, hf: bool, mixed: bool = False) -> dic
     prompts = random_prompts(tok, 64, 32, 512, seed=0)
     rows = {}
     tps, el = engine_tokens_per_s(
-        prompts, 128, dtype=dtype, enable_torch_compile=compile_, enable_mixed_chunk=mixed
+        prompts,
+        128,
+        dtype=dtype,
+        enable_torch_compile=compile_,
+        disable_background_compile=True,
+        enable_mixed_chunk=mixed,
     )
     rows[f"research_rt {dtype}{' compile' if compile_ else ''}{' mixed-chunk' if mixed else ''}"] = tps
     print(
@@ -64,7 +69,10 @@ def shared_prefix(dtype: str, compile_: bool) -> dict[str, float]:
     rows = {}
     for radix in (True, False):
         with research_rt.Engine(
-            dtype=dtype, enable_torch_compile=compile_, disable_radix_cache=not radix
+            dtype=dtype,
+            enable_torch_compile=compile_,
+            disable_background_compile=True,
+            disable_radix_cache=not radix,
         ) as e:
             e.generate(input_ids=[1, 2, 3], sampling_params={"max_new_tokens": 2})
             e.flush_cache()

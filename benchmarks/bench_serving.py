@@ -93,7 +93,7 @@ def main() -> None:
 
         from research_rt.utils import launch_server_cmd, terminate_process, wait_for_server
 
-        cmd = f"{sys.executable} -m research_rt.launch_server --host 127.0.0.1 {args.server_args}"
+        cmd = f"{sys.executable} -m research_rt.launch_server --host 127.0.0.1 --disable-background-compile {args.server_args}"
         proc, port = launch_server_cmd(cmd, host="127.0.0.1")
         url = f"http://127.0.0.1:{port}"
         wait_for_server(url, timeout=600)

@@ -22,11 +22,18 @@ from benchmarks.common import (
 CONFIGS = {
     "eager-fp32": dict(dtype="float32", enable_torch_compile=False),
     "eager-bf16": dict(dtype="bfloat16", enable_torch_compile=False),
-    "compile-fp32": dict(dtype="float32", enable_torch_compile=True),
-    "compile-bf16": dict(dtype="bfloat16", enable_torch_compile=True),
+    "compile-fp32": dict(dtype="float32", enable_torch_compile=True, disable_background_compile=True),
+    "compile-bf16": dict(dtype="bfloat16", enable_torch_compile=True, disable_background_compile=True),
     # weight-only quantized linears for batch-1 decode (research_rt/models/layers/quant.py)
-    "compile-bf16-int8wo": dict(dtype="bfloat16", enable_torch_compile=True, torchao_config="int8wo"),
-    "compile-bf16-int4wo": dict(dtype="bfloat16", enable_torch_compile=True, torchao_config="int4wo-32"),
+    "compile-bf16-int8wo": dict(
+        dtype="bfloat16", enable_torch_compile=True, disable_background_compile=True, torchao_config="int8wo"
+    ),
+    "compile-bf16-int4wo": dict(
+        dtype="bfloat16",
+        enable_torch_compile=True,
+        disable_background_compile=True,
+        torchao_config="int4wo-32",
+    ),
 }
 
 

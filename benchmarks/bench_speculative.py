@@ -56,7 +56,9 @@ def main() -> None:
     args = parser.parse_args()
     import research_rt
 
-    common = dict(dtype="bfloat16", enable_torch_compile=True, max_total_tokens=4096)
+    common = dict(
+        dtype="bfloat16", enable_torch_compile=True, disable_background_compile=True, max_total_tokens=4096
+    )
     results: dict[str, dict] = {name: {} for name in WORKLOADS}
     for mode, extra in (
         ("off", {}),

@@ -32,7 +32,12 @@ if __name__ == "__main__":
         AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
     for tp in map(int, sys.argv[1:]):
         e = research_rt.Engine(
-            str(d), tp_size=tp, random_seed=0, max_total_tokens=4096, skip_tokenizer_init=True
+            str(d),
+            tp_size=tp,
+            random_seed=0,
+            max_total_tokens=4096,
+            skip_tokenizer_init=True,
+            disable_background_compile=True,
         )
         p = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
         e.generate(input_ids=[1, 2, 3], sampling_params=p)

@@ -18,17 +18,68 @@ Dynamo tracing).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-MODULE_CALLS = threading.RLock()
+
+class ModuleCallLock:
+    """A reentrant lock whose `priority()` side is served before plain `with` holders that come
+    back for it in a loop. The scheduler loop takes it once per iteration and a plain lock is not
+    fair: a busy loop re-took it at once every time, and a cold compile waiting for it did not
+    finish in 10 minutes (tests/executor/test_compile_worker.py). A priority holder first closes a
+    gate that plain holders pass through, so the loop stops at its next iteration."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._gate = threading.Lock()
+        self._owner: int | None = None  # read unlocked: only ever compared with one's own ident
+        self._depth = 0
+
+    def _held_here(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def _enter(self) -> None:
+        self._lock.acquire()
+        self._owner = threading.get_ident()
+        self._depth += 1
+
+    def __enter__(self) -> ModuleCallLock:
+        if not self._held_here():
+            with self._gate:  # waits while a priority holder is queued or holds the lock
+                pass
+        self._enter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
+        self._lock.release()
+
+    @contextmanager
+    def priority(self) -> Iterator[None]:
+        if self._held_here():  # e.g. the scheduler's own step compiling the verify step
+            with self:
+                yield
+            return
+        with self._gate:
+            self._enter()
+        try:
+            yield
+        finally:
+            self.__exit__()
+
+
+MODULE_CALLS = ModuleCallLock()
 
 
 def inductor_under_lock(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    """torch.compile's default backend (Inductor), run holding `MODULE_CALLS`."""
+    """torch.compile's default backend (Inductor), run holding `MODULE_CALLS` (ahead of the
+    scheduler loop)."""
     from torch._inductor.compile_fx import compile_fx
 
-    with MODULE_CALLS:
+    with MODULE_CALLS.priority():
         return compile_fx(gm, example_inputs)
