@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             auto_reload=False,
         )
     finally:
-        engine.shutdown()
+        engine.shutdown(wait_for_compile=False)
         if not engine.wait_for_compile(timeout=0):
             # a background compile still running in C++ would abort the interpreter's exit
             # ("terminate called without an active exception", status 134): leave at once

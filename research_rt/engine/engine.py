@@ -285,12 +285,15 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
         assert self.stats().kv_pool_whole, "the KV pool is not whole (see the log)"
 
     # ---------------------------------------------------------------- lifetime
-    def shutdown(self) -> None:
+    def shutdown(self, wait_for_compile: bool = True) -> None:
+        """Stop the scheduler and the runner. A background compile stops before its next shape
+        family; `wait_for_compile` (the default) waits for the one in progress, so no thread of
+        this Engine outlives the call (the server passes False and exits at once instead)."""
         self._stop.set()
         self._thread.join(timeout=10)
         close = getattr(getattr(self, "runner", None), "close", None)  # tp > 1: stop the other ranks
         if close is not None:
-            close()
+            close(wait_for_compile=wait_for_compile)
 
     def __enter__(self) -> Engine:
         return self

@@ -103,6 +103,7 @@ class DecodeGraphRunner:
         self.ready_families: set[int] = {1, 2} if self.use_cuda_graph else set()
         self.compiled_all = threading.Event()
         self.stop_compile = threading.Event()  # set at shutdown: compile no further family
+        self.compile_thread: threading.Thread | None = None
         if self.use_cuda_graph:
             self.compiled_all.set()
 
@@ -203,6 +204,7 @@ class DecodeGraphRunner:
                 sys.setswitchinterval(interval)
 
         thread = threading.Thread(target=main, name="research_rt-compile", daemon=True)
+        self.compile_thread = thread
         thread.start()
         return thread
 

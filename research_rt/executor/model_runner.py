@@ -107,11 +107,17 @@ class ModelRunner:
             logger.info("%s is not a research_rt model: compiling in this process", type(self.model).__name__)
         gr.warm_up_in_background(on_error=lambda e: None, prebuild=prebuild)
 
-    def close(self) -> None:
-        """At shutdown: a background compile stops before its next shape family (one already
-        compiling runs to its end; it cannot be interrupted)."""
-        if self.graph_runner is not None:
-            self.graph_runner.stop_compile.set()
+    def close(self, wait_for_compile: bool = True) -> None:
+        """At shutdown: a background compile stops before its next shape family (the compile
+        worker is killed; a family already compiling in this process runs to its end: it cannot
+        be interrupted), and with `wait_for_compile` its thread is joined, so that no thread of
+        this runner outlives it (one left importing and tracing raced the caller's own code)."""
+        gr = self.graph_runner
+        if gr is None:
+            return
+        gr.stop_compile.set()
+        if wait_for_compile and gr.compile_thread is not None:
+            gr.compile_thread.join()
 
     def start_ranks(self) -> None:
         """Nothing at tp 1 (tp_runner.py starts or joins the other ranks)."""

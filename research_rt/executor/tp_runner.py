@@ -102,8 +102,9 @@ class TPModelRunner(ModelRunner):
         if errors:
             raise RuntimeError("; ".join(errors))
 
-    def close(self) -> None:
-        """Stop ranks 1..N-1 and reap them (terminated if they do not exit in time)."""
+    def close(self, wait_for_compile: bool = True) -> None:
+        """Stop ranks 1..N-1 and reap them (terminated if they do not exit in time); every rank
+        compiled at start-up, so there is no compile to wait for."""
         if not self._procs:
             return
         try:
