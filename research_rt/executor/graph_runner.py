@@ -89,11 +89,17 @@ class DecodeGraphRunner:
         self.device = device
         self.buckets = batch_buckets(max_bs)
         self.use_cuda_graph = use_cuda_graph and device.type == "cuda"
-        # every runner compiles the one code object `_step` (2 entries per model shape): Dynamo's
-        # default limit of 8 entries made the 5th distinct model in a process fail (fullgraph)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        # every runner compiles the one code object `_step`; shared, its entries (2 per model) made
+        # the 5th distinct model in a process fail (fullgraph) at Dynamo's limit of 8. Raising the
+        # global limit does not reach the compile thread (Dynamo's config is thread-local), so each
+        # runner keeps its own entries.
         self.compiled: Callable[..., torch.Tensor] = torch.compile(
-            self._step, backend=inductor_under_lock, dynamic=None, fullgraph=True
+            self._step,
+            backend=inductor_under_lock,
+            dynamic=None,
+            fullgraph=True,
+            isolate_recompiles=True,
+            recompile_limit=8,
         )
         # bucket -> (graph, static inputs, static output, key capacity)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}

@@ -31,7 +31,12 @@ class VerifyRunner:
         self.compiled: Callable[..., torch.Tensor] | None = None
         if compile_step:
             self.compiled = torch.compile(
-                self._step, backend=inductor_under_lock, dynamic=None, fullgraph=True
+                self._step,
+                backend=inductor_under_lock,
+                dynamic=None,
+                fullgraph=True,
+                isolate_recompiles=True,  # one set of entries per runner (graph_runner.py)
+                recompile_limit=8,
             )
         self.seen: set[int] = set()
 

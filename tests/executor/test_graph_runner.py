@@ -95,3 +95,51 @@ def test_cuda_graph_decode_matches_eager(tiny_llama_dir):
         got = [o["output_ids"] for o in graphed.generate(input_ids=prompts, sampling_params=params)]
         assert graphed.runner.graph_runner.graphs  # captured
     assert got == want
+
+
+class _ToyDecoder(torch.nn.Module):
+    """The smallest model the decode step runs: it reads every layer's KV buffer, so each layer
+    count is a distinct graph (a Python-level difference that no dynamic shape covers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(16, 4)
+
+    def forward(self, input_ids, positions, batch):
+        kv = sum(k[batch.out_cache_loc].sum(dim=(1, 2)) for k in batch.kv_pool.k_buffers)
+        return self.emb(input_ids) + kv.unsqueeze(-1)
+
+    def compute_logits(self, hidden):
+        return hidden @ self.emb.weight.T
+
+
+def test_many_runners_compile_in_a_thread():
+    """Ten runners in one process, compiled on a thread as the background compile does: each keeps
+    its own Dynamo entries, so none meets the shared recompile limit of 8 (CI once failed so:
+    Dynamo's config is thread-local, and a limit raised on the main thread did not apply)."""
+    import threading
+
+    from research_rt.cache.kv_pool import KVPool
+    from research_rt.executor.graph_runner import DecodeGraphRunner
+
+    runners = [
+        DecodeGraphRunner(
+            _ToyDecoder(), KVPool(8, 1 + i, 1, 2, torch.float32, "cpu"), TorchNativeAttnBackend(), 1,
+            torch.device("cpu"), False,
+        )
+        for i in range(10)
+    ]  # built here, compiled on another thread: as ModelRunner and warm_up_in_background do
+    errors: list[BaseException] = []
+
+    def compile_all() -> None:
+        try:
+            for runner in runners:
+                runner.warm_up()
+        except BaseException as e:  # noqa: BLE001 - reported to the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=compile_all)
+    t.start()
+    t.join()
+    assert errors == []
+    assert all(r.ready_families == {1, 2} for r in runners)
