@@ -45,7 +45,7 @@ serve: install
 	$(PY) -m research_rt.launch_server --port $(PORT) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -x --timeout=900 tests
+	$(PY) -m pytest -q -x --timeout=900 --durations=25 tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" --timeout=600 tests

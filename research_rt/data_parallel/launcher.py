@@ -170,6 +170,10 @@ def run_data_parallel(args: ServerArgs) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    # Python installs its Ctrl-C handler only where SIGINT was not ignored at start-up; a shell's
+    # background job starts with it ignored, and `kill -INT` then did nothing (the workers' Sanic
+    # servers install their own). Stopping on SIGINT is this launcher's documented contract.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     workers: list[Worker] = []
     router: subprocess.Popen | None = None
     status = 0
