@@ -34,9 +34,7 @@ from research_rt.engine.score import ScoreMixin
 from research_rt.engine.tokenize import TokenizeMixin
 from research_rt.engine.weights import update_weights_on_scheduler
 from research_rt.executor.tp_runner import runner_class
-from research_rt.frontend.embedding_input import (
-    NOT_GENERATION,
-)
+from research_rt.frontend.embedding_input import NOT_GENERATION
 from research_rt.frontend.generate_input import GenerateInput
 from research_rt.frontend.request_builder import RequestBuilder, eos_token_ids
 from research_rt.frontend.response import generate_response
@@ -45,7 +43,6 @@ from research_rt.loader.resolve import resolve_model_path
 from research_rt.models.registry import is_embedding_architecture, resolve_model_class
 from research_rt.scheduler.encoder_scheduler import EncoderScheduler
 from research_rt.scheduler.scheduler import Scheduler
-from research_rt.scheduler.stats import SchedulerStats
 from research_rt.server_args import ServerArgs
 
 logger = logging.getLogger("research_rt.engine")
@@ -150,26 +147,29 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
         shared = [g[0].input_ids for g in groups if len(g) > 1]
         if not shared or self.server_args.disable_radix_cache:
             self._submit(flat, collector.put)
-            return collector
-        warm = [
-            r
-            for ids in shared
-            for r in self.builder.make_reqs(
-                GenerateInput(input_ids=ids, sampling_params={"max_new_tokens": 0})
-            )[0]
-        ]
-        pending = {r.rid for r in warm}
-        lock = threading.Lock()
-
-        def warm_done(out: ReqOutput) -> None:
-            with lock:
-                pending.discard(out.rid)
-                done = not pending
-            if done:
-                self._submit(flat, collector.put)
-
-        self._submit(warm, warm_done)
+        else:
+            self._submit_after_prefill(shared, flat, collector.put)
         return collector
+
+    def _submit_after_prefill(
+        self, prefixes: list[list[int]], reqs: list[Req], sink: Callable[[ReqOutput], None]
+    ) -> None:
+        """Prefill each of `prefixes` alone (into the prefix cache), then submit `reqs`: the n
+        samples of a prompt, or the items of a score query, then share those prefixes' KV."""
+        only = [GenerateInput(input_ids=ids, sampling_params={"max_new_tokens": 0}) for ids in prefixes]
+        warm = [r for obj in only for r in self.builder.make_reqs(obj)[0]]
+        pending, lock = {r.rid for r in warm}, threading.Lock()
+
+        def warmed(out: ReqOutput) -> None:
+            if not out.finished:
+                return
+            with lock:
+                last = out.rid in pending and len(pending) == 1
+                pending.discard(out.rid)
+            if last:
+                self._submit(reqs, sink)
+
+        self._submit(warm, warmed)
 
     def call_in_scheduler(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
         """Run `fn` on the scheduler thread between steps; return its result (or raise its error)."""
@@ -266,23 +266,6 @@ class Engine(EncodeMixin, InstrumentsMixin, TokenizeMixin, ScoreMixin, RefitMixi
         if ok:
             self.source, self.model_path = source, model_path
         return ok, message
-
-    def stats(self) -> SchedulerStats:
-        """A consistent snapshot taken on the scheduler thread between two steps, with the KV pool
-        integrity check when idle (`kv_pool_whole`)."""
-        return self.call_in_scheduler(lambda: self.scheduler.stats(check_pool=True), timeout=30)
-
-    def load(self) -> SchedulerStats:
-        """The same figures read without waiting for the scheduler (no integrity check)."""
-        return self.scheduler.stats()
-
-    def is_idle(self, timeout: float | None = None) -> bool:
-        """Whether nothing is queued or running (asked on the scheduler thread, between steps)."""
-        return bool(self.call_in_scheduler(self.scheduler.is_idle, timeout))
-
-    def check_pool_integrity(self) -> None:
-        """Assert no KV slot is lost (the scheduler must be idle)."""
-        assert self.stats().kv_pool_whole, "the KV pool is not whole (see the log)"
 
     # ---------------------------------------------------------------- lifetime
     def shutdown(self, wait_for_compile: bool = True) -> None:

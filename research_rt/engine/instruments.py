@@ -1,17 +1,37 @@
-"""The Engine's instruments: profiling the scheduler thread, recording the expert distribution of
-MoE models (both run their work on the scheduler thread between steps), and the state of the
-decode step's compilation (a mixin of `Engine`)."""
+"""The Engine's instruments: the scheduler's statistics, profiling the scheduler thread, recording
+the expert distribution of MoE models (all run their work on the scheduler thread between steps),
+and the state of the decode step's compilation (a mixin of `Engine`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from research_rt.core.errors import RequestError
+from research_rt.scheduler.stats import SchedulerStats
 
 
 class InstrumentsMixin:
-    """Needs the Engine's `call_in_scheduler`, `profiler`, `runner` and `model_path`."""
+    """Needs the Engine's `call_in_scheduler`, `scheduler`, `profiler`, `runner` and `model_path`."""
 
+    # ---------------------------------------------------------------- statistics
+    def stats(self) -> SchedulerStats:
+        """A consistent snapshot taken on the scheduler thread between two steps, with the KV pool
+        integrity check when idle (`kv_pool_whole`)."""
+        return self.call_in_scheduler(lambda: self.scheduler.stats(check_pool=True), timeout=30)
+
+    def load(self) -> SchedulerStats:
+        """The same figures read without waiting for the scheduler (no integrity check)."""
+        return self.scheduler.stats()
+
+    def is_idle(self, timeout: float | None = None) -> bool:
+        """Whether nothing is queued or running (asked on the scheduler thread, between steps)."""
+        return bool(self.call_in_scheduler(self.scheduler.is_idle, timeout))
+
+    def check_pool_integrity(self) -> None:
+        """Assert no KV slot is lost (the scheduler must be idle)."""
+        assert self.stats().kv_pool_whole, "the KV pool is not whole (see the log)"
+
+    # ---------------------------------------------------------------- profiling
     def start_profile(
         self, output_dir: str, num_steps: int | None = None, activities: list[str] | None = None
     ) -> None:

@@ -9,12 +9,10 @@ and computes only its own tokens (`usage.prompt_tokens_details.cached_tokens` co
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 from research_rt.core.errors import RequestError
 from research_rt.core.messages import ReqOutput
-from research_rt.core.req import Req
 from research_rt.engine.collector import OutputCollector
 from research_rt.frontend.embedding_input import NOT_GENERATION
 from research_rt.frontend.generate_input import GenerateInput
@@ -22,7 +20,7 @@ from research_rt.frontend.score_input import ScoreInput, common_prefix, label_sc
 
 
 class ScoreMixin:
-    """Needs the Engine's `is_embedding`, `builder`, `server_args`, `_submit`, `_abort_remaining`."""
+    """Needs the Engine's `is_embedding`, `builder`, `server_args`, `_submit`, `_submit_after_prefill`, `_abort_remaining`."""
 
     def score(
         self,
@@ -70,20 +68,8 @@ class ScoreMixin:
         if len(reqs) < 2 or not shared or self.server_args.disable_radix_cache:
             self._submit(reqs, collector.put)
         else:
-            self._submit_after_prefix(shared, reqs, collector.put)
+            self._submit_after_prefill([shared], reqs, collector.put)
         return collector
-
-    def _submit_after_prefix(self, prefix: list[int], reqs: list[Req], sink) -> None:
-        """Prefill `prefix` alone (into the prefix cache), then submit `reqs`."""
-        warm = self.builder.make_reqs(GenerateInput(input_ids=prefix, sampling_params={"max_new_tokens": 0}))
-        fired = threading.Event()
-
-        def warmed(out: ReqOutput) -> None:
-            if out.finished and not fired.is_set():
-                fired.set()
-                self._submit(reqs, sink)
-
-        self._submit(warm[0], warmed)
 
 
 def _result(obj: ScoreInput, outs: list[ReqOutput]) -> dict[str, Any]:

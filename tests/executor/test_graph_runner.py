@@ -124,8 +124,12 @@ def test_many_runners_compile_in_a_thread():
 
     runners = [
         DecodeGraphRunner(
-            _ToyDecoder(), KVPool(8, 1 + i, 1, 2, torch.float32, "cpu"), TorchNativeAttnBackend(), 1,
-            torch.device("cpu"), False,
+            _ToyDecoder(),
+            KVPool(8, 1 + i, 1, 2, torch.float32, "cpu"),
+            TorchNativeAttnBackend(),
+            1,
+            torch.device("cpu"),
+            False,
         )
         for i in range(10)
     ]  # built here, compiled on another thread: as ModelRunner and warm_up_in_background do
