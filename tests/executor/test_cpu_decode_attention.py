@@ -1,4 +1,4 @@
-"""The C++ decode-attention op (cpu_kernels.py) against the pure-PyTorch decode path.
+"""The C++ decode-attention op (research_rt/kernels) against the pure-PyTorch decode path.
 
 Tolerances: float32 within 1e-5 (both accumulate in float32, in a different order); bfloat16
 within 2e-2 of the float32 PyTorch result on the same bfloat16 inputs (the op keeps float32
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
-from research_rt.executor.attention.cpu_kernels import decode_attention_op
 from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
+from research_rt.kernels import decode_attention_op
 
 op = decode_attention_op()
 pytestmark = pytest.mark.skipif(op is None, reason="the C++ extension did not build here")

@@ -125,7 +125,7 @@ SMOL_PROMPTS = [
 
 @pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm_gguf_path, smollm_compiled_engine):
-    """In the default configuration: the decode step compiled."""
+    """In the default configuration: the decode step compiled, in a batch and for one request alone."""
     from transformers import AutoModelForCausalLM
 
     p = Path(smollm_gguf_path)
@@ -138,9 +138,17 @@ def test_smollm2_greedy_matches_transformers(smollm_gguf_path, smollm_compiled_e
     ]
     outs = engine.generate(prompts, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True})
     engine.check_pool_integrity()
+    # one request alone decodes through the batch-1 graph (its linears: the C++ gemv op)
+    alone = [
+        engine.generate(p, {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}) for p in prompts[:2]
+    ]
+    engine.check_pool_integrity()
     ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
-    for prompt, out in zip(prompts, outs):
-        assert out["output_ids"] == hf_greedy(ref, tok.encode(prompt), 32), prompt
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        expected = hf_greedy(ref, tok.encode(prompt), 32)
+        assert out["output_ids"] == expected, prompt
+        if i < len(alone):
+            assert alone[i]["output_ids"] == expected, prompt
     assert "Paris" in outs[0]["text"]
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.attention.base import AttentionBackend
-from research_rt.executor.attention.cpu_kernels import decode_attention_op
+from research_rt.kernels import decode_attention_op
 
 
 @dataclass
@@ -77,7 +77,7 @@ class TorchNativeAttnBackend(AttentionBackend):
     metadata_cls = TorchNativeMetadata
 
     def __init__(self) -> None:
-        # the C++ decode op (cpu_kernels.py) where it builds; None: the PyTorch code below
+        # the C++ decode op (research_rt/kernels) where it builds; None: the PyTorch code below
         self.decode_op = decode_attention_op()
 
     def build_metadata(self, mode, prefix_lens, extend_lens, kv_rows, device="cpu") -> TorchNativeMetadata:

@@ -149,7 +149,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
 
 }  // namespace
 
-TORCH_LIBRARY(research_rt, m) {
+TORCH_LIBRARY_FRAGMENT(research_rt, m) {
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_indices, Tensor attn_mask, float scale) -> Tensor");
 }
 

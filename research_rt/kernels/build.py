@@ -1,0 +1,78 @@
+"""The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
+
+`decode_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
+has been compiled and loaded, or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
+Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
+`$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
+capability (the code is built with -march=native), so later starts only load it (`make install`
+builds it ahead). Fake (meta) implementations are registered, so torch.compile graphs call the ops.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+
+
+def _build_dir() -> Path:
+    root = os.environ.get("RESEARCH_RT_EXT_DIR") or Path.home() / ".cache" / "research_rt" / "ext"
+    path = Path(root) / f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _load() -> bool:
+    from torch.utils.cpp_extension import load
+
+    load(
+        name="research_rt_cpu_kernels",
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"],  # ATen's parallel_for needs OpenMP
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(_build_dir()),
+        is_python_module=False,
+        verbose=False,
+    )
+
+    @torch.library.register_fake("research_rt::decode_attention")
+    def _(q, k_buf, v_buf, kv_indices, attn_mask, scale):
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+    @torch.library.register_fake("research_rt::gemv")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    return True
+
+
+def _loaded() -> bool:
+    if os.environ.get("RESEARCH_RT_CPU_KERNELS", "1") == "0":
+        return False
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _state["ok"] = _load()
+            except Exception as exc:  # no compiler, headers, or a build error: fall back
+                logger.warning("CPU kernels unavailable (%s); using the PyTorch paths", exc)
+                _state["ok"] = False
+    return _state["ok"]
+
+
+def decode_attention_op():
+    """`research_rt::decode_attention` (csrc/decode_attention.cpp), or None (module docstring)."""
+    return torch.ops.research_rt.decode_attention if _loaded() else None
+
+
+def gemv_op():
+    """`research_rt::gemv` (csrc/gemv.cpp), or None (module docstring)."""
+    return torch.ops.research_rt.gemv if _loaded() else None
