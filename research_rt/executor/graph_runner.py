@@ -18,6 +18,7 @@ ends its OpenMP thread pool (a second live pool slows the scheduler's ops by hal
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -34,6 +35,11 @@ logger = logging.getLogger(__name__)
 KV_ALIGN = 64
 COMPILE_SWITCH_INTERVAL_S = 1e-4
 MAX_DYNAMIC_BATCH = 4096  # a fixed range: compiled-graph caches stay valid whatever max_running_requests is
+# Inductor settings per shape family. At batch 1 the weights stream through the C++ gemv op (its
+# own 2 threads); the ~120 small fused kernels around it (norms, rotary, residuals, SiLU) each paid
+# an OpenMP fork-join on 2 threads, so they run single-threaded: SmolLM2-135M bfloat16 decode went
+# from 75 to 86 tok/s (graph call 12.2 -> 10.6 ms; benchmarks/RESULTS.md).
+FAMILY_CONFIG: dict[int, dict] = {1: {"cpp.threads": 1}, 2: {}}
 
 
 def batch_buckets(max_bs: int) -> list[int]:
@@ -92,15 +98,18 @@ class DecodeGraphRunner:
         # every runner compiles the one code object `_step`; shared, its entries (2 per model) made
         # the 5th distinct model in a process fail (fullgraph) at Dynamo's limit of 8. Raising the
         # global limit does not reach the compile thread (Dynamo's config is thread-local), so each
-        # runner keeps its own entries.
-        self.compiled: Callable[..., torch.Tensor] = torch.compile(
-            self._step,
-            backend=inductor_under_lock,
-            dynamic=None,
-            fullgraph=True,
-            isolate_recompiles=True,
-            recompile_limit=8,
-        )
+        # runner keeps its own entries, one compiled callable per shape family (1: batch 1, 2: 2+).
+        self.compiled: dict[int, Callable[..., torch.Tensor]] = {
+            family: torch.compile(
+                self._step,
+                backend=functools.partial(inductor_under_lock, config_patches=FAMILY_CONFIG[family]),
+                dynamic=None,
+                fullgraph=True,
+                isolate_recompiles=True,
+                recompile_limit=8,
+            )
+            for family in (1, 2)
+        }
         # bucket -> (graph, static inputs, static output, key capacity)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor], torch.Tensor, int]] = {}
         self.seen_shapes: set[tuple[int, int]] = set()
@@ -155,13 +164,13 @@ class DecodeGraphRunner:
                 torch._dynamo.mark_dynamic(inputs[name], 0, min=2, max=MAX_DYNAMIC_BATCH)
         key = (min(bucket, 2), 0)
         if key in self.seen_shapes:
-            return self.compiled(**inputs)
+            return self.compiled[key[0]](**inputs)
         t0 = time.monotonic()
         logger.info(
             "Compiling the decode step for batch size %s (torch.compile, once per shape family)...",
             "1" if bucket == 1 else "2+",
         )
-        out = self.compiled(**inputs)
+        out = self.compiled[key[0]](**inputs)
         self.seen_shapes.add(key)
         logger.info("Compiled the decode step in %.1f s", time.monotonic() - t0)
         return out

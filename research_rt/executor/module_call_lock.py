@@ -76,10 +76,12 @@ class ModuleCallLock:
 MODULE_CALLS = ModuleCallLock()
 
 
-def inductor_under_lock(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
-    """torch.compile's default backend (Inductor), run holding `MODULE_CALLS` (ahead of the
-    scheduler loop)."""
+def inductor_under_lock(
+    gm: torch.fx.GraphModule, example_inputs: list[Any], config_patches: dict | None = None
+) -> Callable[..., Any]:
+    """torch.compile's default backend (Inductor, with `config_patches` applied to its config), run
+    holding `MODULE_CALLS` (ahead of the scheduler loop)."""
     from torch._inductor.compile_fx import compile_fx
 
     with MODULE_CALLS.priority():
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=config_patches or None)

@@ -56,13 +56,13 @@ def test_inductor_backend_holds_the_module_call_lock(monkeypatch):
             MODULE_CALLS._lock.release()
         return got
 
-    def spying_compile_fx(gm, inputs):
+    def spying_compile_fx(gm, inputs, **kwargs):
         result: list[bool] = []
         t = threading.Thread(target=lambda: result.append(probe()))
         t.start()
         t.join()
         free_in_backend.extend(result)
-        return real(gm, inputs)
+        return real(gm, inputs, **kwargs)
 
     monkeypatch.setattr(cfx, "compile_fx", spying_compile_fx)
     f = torch.compile(lambda x: torch.nn.functional.relu(x) * 2, backend=inductor_under_lock, fullgraph=True)
