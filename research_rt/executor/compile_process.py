@@ -51,15 +51,18 @@ def child_args(args: ServerArgs, max_total_tokens: int, max_running_requests: in
 
 def warm_marker(fields: dict[str, Any]) -> Path:
     """The file the child leaves in Inductor's cache directory once it has compiled for these
-    args, this torch and this research_rt source (sizes and mtimes of its .py files: a researcher
-    who edits a model gets a fresh compile in the child, not a cold one under the lock). A warm
-    start skips the child (measured: it re-traced for 53 s before the parent's 32 s of tracing)."""
+    args, this torch, this thread count and this research_rt source (sizes and mtimes of its .py
+    files: a researcher who edits a model gets a fresh compile in the child, not a cold one under
+    the lock). A warm start skips the child (measured: it re-traced for 53 s before the parent's
+    32 s of tracing). The thread count is in the key because Inductor's generated code, and so its
+    cache, depends on it: a `--dp-size 2` worker (1 thread) found the marker of a 2-thread server,
+    skipped the child, and compiled its batch-2+ graph under the lock for 80 s, answering nothing."""
     import torch
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in fields.items() if k not in NOT_IN_GRAPH}, sort_keys=True).encode())
-    h.update(torch.__version__.encode())
+    h.update(f"{torch.__version__} threads={torch.get_num_threads()}".encode())
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         st = path.stat()
         h.update(f"{path.relative_to(PACKAGE_DIR)}:{st.st_size}:{st.st_mtime_ns}".encode())
