@@ -10,6 +10,7 @@ builds it ahead). Fake (meta) implementations are registered, so torch.compile g
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -71,6 +72,16 @@ def _loaded() -> bool:
 def decode_attention_op():
     """`research_rt::decode_attention` (csrc/decode_attention.cpp), or None (module docstring)."""
     return torch.ops.research_rt.decode_attention if _loaded() else None
+
+
+@functools.cache
+def decode_attention_vectorized(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether `decode_attention` runs its AVX-512 path for this dtype and head size (AVX512-BF16
+    for bfloat16): only that path beats Inductor's fused decode beyond batch 1 (RESULTS.md)."""
+    if dtype not in (torch.float32, torch.bfloat16) or not _loaded():
+        return False
+    width = torch.ops.research_rt.decode_attention_vector_width(dtype == torch.bfloat16)
+    return width > 0 and head_dim % width == 0
 
 
 def gemv_op():

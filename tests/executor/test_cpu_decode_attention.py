@@ -85,3 +85,42 @@ def test_switch_off_gives_pytorch_path(monkeypatch):
     monkeypatch.setenv("RESEARCH_RT_CPU_KERNELS", "0")
     assert decode_attention_op() is None
     assert TorchNativeAttnBackend().decode_op is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batches_take_the_op_where_it_is_vectorized(dtype):
+    """Beyond batch 1 the backend calls the op where its AVX-512 path runs (eager, and in a graph
+    whose batch dimension is dynamic, as the compiled batch-2+ decode step is), with the PyTorch
+    path's result; elsewhere it keeps Inductor's fused decode."""
+    from research_rt.kernels import decode_attention_vectorized
+
+    q, k_buf, v_buf, meta = make_case(6, 9, 3, 64, dtype, seed=3, pad_rows=2)
+    backend = TorchNativeAttnBackend()
+    calls = []
+
+    def counting_op(*args):
+        calls.append(args[0].shape[0])
+        return op(*args)
+
+    backend.decode_op = counting_op
+    layer = SimpleNamespace(num_heads=9, num_kv_heads=3, head_dim=64, scaling=0.125)
+
+    def decode(q, kv_indices, attn_mask):
+        m = type(meta)(kv_indices, attn_mask)
+        return backend._decode(
+            q.flatten(1),
+            k_buf,
+            v_buf,
+            layer,
+            ForwardBatch(ForwardMode.DECODE, q.shape[0], None, None, None, m),
+        )
+
+    ref = reference(q, k_buf, v_buf, meta, 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(decode(q, meta.kv_indices, meta.attn_mask).float(), ref, atol=tol, rtol=tol)
+    assert calls == ([8] if decode_attention_vectorized(dtype, 64) else [])
+    compiled = torch.compile(decode, fullgraph=True)
+    for t in (q, meta.kv_indices, meta.attn_mask):
+        torch._dynamo.mark_dynamic(t, 0, min=2, max=64)  # as graph_runner marks the batch-2+ graph
+    torch.testing.assert_close(compiled(q, meta.kv_indices, meta.attn_mask).float(), ref, atol=tol, rtol=tol)
+    assert len(calls) == (2 if decode_attention_vectorized(dtype, 64) else 0)  # traced into the graph

@@ -6,8 +6,10 @@
 // Query heads h = g_kv * G + i (G = H / KVH) share KV head g_kv. Work item (b, g_kv) walks the
 // visible keys of request b once, in blocks, and for each key row computes the G dot products
 // (the row is read once for the whole group), keeping an online softmax (running max, sum and
-// float32 accumulator, rescaled when the max grows). Loops are plain C++ written for the
-// compiler's vectorizer (-O3 -march=native: AVX2/FMA or AVX-512 where the CPU has them).
+// float32 accumulator, rescaled when the max grows). This file has the portable loops, written for
+// the compiler's vectorizer; where the CPU has AVX-512, decode_attention_avx512.cpp runs instead.
+#include "decode_attention.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <vector>
+
 
 namespace {
 
@@ -137,9 +140,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
   auto idx = kv_indices.contiguous();
   auto mask = attn_mask.contiguous();
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
+  const bool bf16 = q.scalar_type() == at::kBFloat16;
+  if (research_rt::decode_attention_avx512(qc, k_buf, v_buf, idx, mask, scale, out)) return out;
   if (q.scalar_type() == at::kFloat) {
     decode_kernel<float>(qc, k_buf, v_buf, idx, mask, scale, out);
-  } else if (q.scalar_type() == at::kBFloat16) {
+  } else if (bf16) {
     decode_kernel<at::BFloat16>(qc, k_buf, v_buf, idx, mask, scale, out);
   } else {
     TORCH_CHECK(false, "decode_attention supports float32 and bfloat16, got ", q.scalar_type());
@@ -151,6 +156,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
 
 TORCH_LIBRARY_FRAGMENT(research_rt, m) {
   m.def("decode_attention(Tensor q, Tensor k_buf, Tensor v_buf, Tensor kv_indices, Tensor attn_mask, float scale) -> Tensor");
+  m.def("decode_attention_vector_width(bool bf16) -> int", &research_rt::decode_attention_vector_width);
 }
 
 TORCH_LIBRARY_IMPL(research_rt, CPU, m) { m.impl("decode_attention", &decode_attention); }
