@@ -42,19 +42,15 @@ inline void load_row(const at::BFloat16* src, float* dst, int64_t d) {
   for (int64_t i = 0; i < d; ++i) out[i] = static_cast<uint32_t>(raw[i]) << 16;
 }
 
+using research_rt::DecodeProblem;
+
 template <typename T>
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                    const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
                    at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_buf.data_ptr<T>();
-  const T* vp = v_buf.data_ptr<T>();
-  const int64_t* idx = kv_indices.data_ptr<int64_t>();
-  const bool* mp = mask.data_ptr<bool>();
-  T* op = out.data_ptr<T>();
-  const int64_t slot_stride = k_buf.stride(0), head_stride = k_buf.stride(1);
+  const DecodeProblem<T> p(q, k_buf, v_buf, kv_indices, mask, out);
+  const int64_t B = p.B, H = p.H, D = p.D, KVH = p.KVH, G = p.G, Lk = p.Lk;
+  const int64_t slot_stride = p.slot_stride, head_stride = p.head_stride;
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
@@ -64,21 +60,21 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_buf, const at::Tenso
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / KVH, g_kv = item % KVH;
       for (int64_t i = 0; i < G; ++i) {
-        const T* src = qp + (b * H + g_kv * G + i) * D;
+        const T* src = p.q + (b * H + g_kv * G + i) * D;
         for (int64_t x = 0; x < D; ++x) qf[i * D + x] = to_float(src[x]) * sc;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      const int64_t* row_idx = idx + b * Lk;
-      const bool* row_mask = mp + b * Lk;
+      const int64_t* row_idx = p.idx + b * Lk;
+      const bool* row_mask = p.mask + b * Lk;
       for (int64_t j0 = 0; j0 < Lk; j0 += kBlock) {
         int64_t n = 0;  // visible keys of this block
         for (int64_t j = j0; j < std::min(j0 + kBlock, Lk); ++j)
           if (row_mask[j]) slots[n++] = row_idx[j];
         if (n == 0) continue;
         for (int64_t t = 0; t < n; ++t) {  // scores: each key row read once for the G heads
-          load_row(kp + slots[t] * slot_stride + g_kv * head_stride, krow.data(), D);
+          load_row(p.k + slots[t] * slot_stride + g_kv * head_stride, krow.data(), D);
           for (int64_t i = 0; i < G; ++i) {
             const float* qi = qf.data() + i * D;
             float s = 0.f;
@@ -104,7 +100,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_buf, const at::Tenso
           for (int64_t x = 0; x < D; ++x) ai[x] *= correction;
         }
         for (int64_t t = 0; t < n; ++t) {  // values: each row read once for the G heads
-          load_row(vp + slots[t] * slot_stride + g_kv * head_stride, vrow.data(), D);
+          load_row(p.v + slots[t] * slot_stride + g_kv * head_stride, vrow.data(), D);
           for (int64_t i = 0; i < G; ++i) {
             const float p = scores[i * kBlock + t];
             float* ai = acc.data() + i * D;
@@ -115,7 +111,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_buf, const at::Tenso
       }
       for (int64_t i = 0; i < G; ++i) {
         const float inv = run_sum[i] > 0.f ? 1.f / run_sum[i] : 0.f;  // no visible key: zeros
-        T* dst = op + b * H * D + (g_kv * G + i) * D;
+        T* dst = p.out + b * H * D + (g_kv * G + i) * D;
         for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(acc[i * D + x] * inv);
       }
     }

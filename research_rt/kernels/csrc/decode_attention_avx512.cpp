@@ -148,15 +148,13 @@ template <typename T>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
                           at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
-  const int64_t KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k_buf.data_ptr<T>();
-  const T* vp = v_buf.data_ptr<T>();
-  const int64_t* idx = kv_indices.data_ptr<int64_t>();
-  const bool* mp = mask.data_ptr<bool>();
-  T* op = out.data_ptr<T>();
-  const int64_t slot_stride = k_buf.stride(0), head_stride = k_buf.stride(1);
+  const DecodeProblem<T> p(q, k_buf, v_buf, kv_indices, mask, out);
+  const int64_t B = p.B, H = p.H, D = p.D, KVH = p.KVH, G = p.G, Lk = p.Lk;
+  const int64_t slot_stride = p.slot_stride, head_stride = p.head_stride;
+  const T *qp = p.q, *kp = p.k, *vp = p.v;
+  const int64_t* idx = p.idx;
+  const bool* mp = p.mask;
+  T* op = p.out;
   const __m512 sc = _mm512_set1_ps(static_cast<float>(scale));
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   // A work item is one request and all its KV heads when there are enough requests to share out:
