@@ -39,8 +39,9 @@ int64_t decode_attention_vector_width(bool bf16) {
 #if defined(__AVX512F__)
 namespace {
 
-constexpr int64_t kVecBlock = 16;  // keys per block: one zmm of scores per head
-constexpr int64_t kPrefetchAhead = 16;  // keys whose K and V rows are requested ahead of use
+constexpr int64_t kVecBlock = 16;  // keys per zmm of scores
+constexpr int64_t kBlock = 32;  // keys per online-softmax update: two zmm of scores per head
+constexpr int64_t kPrefetchAhead = 32;  // keys whose K and V rows are requested ahead of use
 
 // e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
 // error ~1e-7 there), times 2^n by VSCALEFPS. Lanes below -87.3 give ~1e-38 (callers mask them).
@@ -108,19 +109,33 @@ inline __m512 dot_lanes(const at::BFloat16* q, const at::BFloat16* k, int64_t D)
 }
 
 // acc[i][:] += sum_t probs[i][t] * v_t for the n value rows of one block and the G query heads of
-// their KV head, G known at compile time so that each 16-wide accumulator stays in a register over
-// the block (a load, FMA and store per head, key and 16 values took ~2x longer).
+// their KV head. G and C (16-wide column chunks done together) are compile-time constants, so the
+// G * C accumulators stay in registers over the block: a load, FMA and store per head, key and 16
+// values took ~2x longer, and one chunk at a time (G chains of 32 dependent FMAs) waited on the
+// FMA latency.
+template <int G, int C, typename T>
+inline void accumulate_values(float* acc, const float* probs, const T* const* vrows, int64_t n, int64_t D) {
+  for (int64_t x = 0; x < D; x += 16 * C) {
+    __m512 a[G][C];
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) a[i][c] = _mm512_loadu_ps(acc + i * D + x + 16 * c);
+    for (int64_t t = 0; t < n; ++t) {
+      for (int c = 0; c < C; ++c) {
+        const __m512 v = load16(vrows[t] + x + 16 * c);
+        for (int i = 0; i < G; ++i) a[i][c] = _mm512_fmadd_ps(_mm512_set1_ps(probs[i * kBlock + t]), v, a[i][c]);
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + i * D + x + 16 * c, a[i][c]);
+  }
+}
+
 template <int G, typename T>
 inline void accumulate_values(float* acc, const float* probs, const T* const* vrows, int64_t n, int64_t D) {
-  for (int64_t x = 0; x < D; x += 16) {
-    __m512 a[G];
-    for (int i = 0; i < G; ++i) a[i] = _mm512_loadu_ps(acc + i * D + x);
-    for (int64_t t = 0; t < n; ++t) {
-      const __m512 v = load16(vrows[t] + x);
-      for (int i = 0; i < G; ++i) a[i] = _mm512_fmadd_ps(_mm512_set1_ps(probs[i * kVecBlock + t]), v, a[i]);
-    }
-    for (int i = 0; i < G; ++i) _mm512_storeu_ps(acc + i * D + x, a[i]);
-  }
+  // as many chunks at once as D allows, within ~24 of the 32 vector registers
+  if (D % 64 == 0 && G * 4 <= 24) return accumulate_values<G, 4>(acc, probs, vrows, n, D);
+  if (D % 32 == 0 && G * 2 <= 24) return accumulate_values<G, 2>(acc, probs, vrows, n, D);
+  accumulate_values<G, 1>(acc, probs, vrows, n, D);
 }
 
 template <typename T>
@@ -135,7 +150,7 @@ inline void accumulate_values(int64_t G, float* acc, const float* probs, const T
     case 7: return accumulate_values<7>(acc, probs, vrows, n, D);
     case 8: return accumulate_values<8>(acc, probs, vrows, n, D);
     default:  // larger groups: one head at a time
-      for (int64_t i = 0; i < G; ++i) accumulate_values<1>(acc + i * D, probs + i * kVecBlock, vrows, n, D);
+      for (int64_t i = 0; i < G; ++i) accumulate_values<1>(acc + i * D, probs + i * kBlock, vrows, n, D);
   }
 }
 
@@ -168,12 +183,12 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
 
   at::parallel_for(0, B * items_per_req, 1, [&](int64_t begin, int64_t end) {
     const int64_t HI = heads_per_item * G;  // query heads of one item
-    std::vector<float> acc(HI * D), probs(HI * kVecBlock), run_max(HI), run_sum(HI);
+    std::vector<float> acc(HI * D), scores(HI * kBlock), probs(HI * kBlock), run_max(HI), run_sum(HI);
     std::vector<int64_t> slots(Lk);
     int64_t slots_of = -1;  // the request whose visible slots `slots` holds
     int64_t n_visible = 0;
     __m512 part[kVecBlock];
-    const T* vrows[kVecBlock];
+    const T* vrows[kBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / items_per_req, g0 = (item % items_per_req) * heads_per_item;
       if (b != slots_of) {  // the request's visible key slots, in order
@@ -192,24 +207,38 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
         prefetch_row(kh + slots[t] * slot_stride, span_bytes);
         prefetch_row(vh + slots[t] * slot_stride, span_bytes);
       }
-      for (int64_t j0 = 0; j0 < n_visible; j0 += kVecBlock) {
-        const int64_t n = std::min(kVecBlock, n_visible - j0);
+      for (int64_t j0 = 0; j0 < n_visible; j0 += kBlock) {
+        const int64_t n = std::min(kBlock, n_visible - j0);
         const int64_t* blk = slots.data() + j0;
         for (int64_t t = j0 + kPrefetchAhead; t < std::min(j0 + kPrefetchAhead + n, n_visible); ++t) {
           prefetch_row(kh + slots[t] * slot_stride, span_bytes);
           prefetch_row(vh + slots[t] * slot_stride, span_bytes);
         }
-        const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+        // scores of every head first, then the softmax updates: the heads' chains are independent,
+        // and split this way the CPU overlaps them (one loop doing both waited on each head's
+        // reductions and exp in turn)
         for (int64_t h = 0; h < HI; ++h) {  // query head h reads KV head h / G of the item
           const T* kg = kh + (h / G) * head_stride;
-          for (int64_t t = 0; t < n; ++t) part[t] = dot_lanes(qh + h * D, kg + blk[t] * slot_stride, D);
-          for (int64_t t = n; t < kVecBlock; ++t) part[t] = _mm512_setzero_ps();
-          const __m512 s = _mm512_mask_mul_ps(neg_inf, live, sum16(part), sc);
-          const float m = std::max(run_max[h], _mm512_reduce_max_ps(s));
+          for (int64_t half = 0; half < kBlock; half += kVecBlock) {
+            const int64_t m = std::max<int64_t>(0, std::min(kVecBlock, n - half));
+            for (int64_t t = 0; t < m; ++t) part[t] = dot_lanes(qh + h * D, kg + blk[half + t] * slot_stride, D);
+            for (int64_t t = m; t < kVecBlock; ++t) part[t] = _mm512_setzero_ps();
+            const __mmask16 live = static_cast<__mmask16>((1u << m) - 1);
+            _mm512_storeu_ps(scores.data() + h * kBlock + half, _mm512_mask_mul_ps(neg_inf, live, sum16(part), sc));
+          }
+        }
+        for (int64_t h = 0; h < HI; ++h) {
+          const __m512 s0 = _mm512_loadu_ps(scores.data() + h * kBlock);
+          const __m512 s1 = _mm512_loadu_ps(scores.data() + h * kBlock + kVecBlock);
+          const float m = std::max(run_max[h], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
           const float correction = std::exp(run_max[h] - m);  // exp(-inf) = 0 on the first block
-          const __m512 p = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(s, _mm512_set1_ps(m))));
-          _mm512_storeu_ps(probs.data() + h * kVecBlock, p);
-          run_sum[h] = run_sum[h] * correction + _mm512_reduce_add_ps(p);
+          const __m512 mv = _mm512_set1_ps(m);
+          // masked keys hold -inf: exp16 clamps them to ~1e-38, zeroed by the masks
+          const __m512 p0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s0, neg_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s0, mv)));
+          const __m512 p1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(s1, neg_inf, _CMP_NEQ_OQ), exp16(_mm512_sub_ps(s1, mv)));
+          _mm512_storeu_ps(probs.data() + h * kBlock, p0);
+          _mm512_storeu_ps(probs.data() + h * kBlock + kVecBlock, p1);
+          run_sum[h] = run_sum[h] * correction + _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
           run_max[h] = m;
           if (correction != 1.f) {
             const __m512 c = _mm512_set1_ps(correction);
@@ -219,7 +248,7 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
         }
         for (int64_t g = 0; g < heads_per_item; ++g) {  // each value row widened once for its G heads
           for (int64_t t = 0; t < n; ++t) vrows[t] = vh + g * head_stride + blk[t] * slot_stride;
-          accumulate_values(G, acc.data() + g * G * D, probs.data() + g * G * kVecBlock, vrows, n, D);
+          accumulate_values(G, acc.data() + g * G * D, probs.data() + g * G * kBlock, vrows, n, D);
         }
       }
       for (int64_t h = 0; h < HI; ++h) {
