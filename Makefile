@@ -7,7 +7,7 @@ ARGS ?=
 # torch is pinned: 2.13.0 is a CPU build from local disk here; an unpinned torch pulls CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install lock serve test test-fast bench lint format clean
+.PHONY: install lock serve test test-fast bench bench-peers lint format clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,29 @@ bench: install
 	$(PY) -m benchmarks.run_all
 	$(PY) -m benchmarks.bench_load --num-requests 1000 --concurrency 32 --disconnect-frac 0.12 --json benchmarks/out/bench_load.json
 	$(PY) -m pytest -q benchmarks/test_micro.py --benchmark-only --benchmark-columns=mean,stddev,rounds
+
+# Optional, not part of `make test`: research_rt vs llama.cpp (llama-cpp-python) on the single-stream
+# workload, both in this one invocation (the machine's speed drifts between runs; compare same-run
+# figures). The first run builds llama.cpp from source into .peers/llama (~10 min on 2 cores) and
+# writes a BF16 GGUF (the bundled Q4_1 dequantized, as research_rt's bfloat16 weights are) to .peers/.
+PEERS := .peers
+LLAMA_PY := $(PEERS)/llama/bin/python
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+PEERS_BF16 := $(PEERS)/SmolLM2-135M-Instruct.BF16.gguf
+SMOL_Q4_1 = $$($(PY) -c "from research_rt.loader.resolve import default_model_path; print(default_model_path())")
+
+$(PEERS)/llama/.installed:
+	test -x $(LLAMA_PY) || $(PYTHON) -m venv $(PEERS)/llama
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=ON}" $(LLAMA_PY) -m pip install -q "$(LLAMA_CPP_SPEC)" numpy gguf
+	touch $@
+
+$(PEERS_BF16): benchmarks/peers_bf16_gguf.py | $(VENV)/.installed $(PEERS)/llama/.installed
+	$(LLAMA_PY) benchmarks/peers_bf16_gguf.py "$(SMOL_Q4_1)" $@
+
+bench-peers: install $(PEERS)/llama/.installed $(PEERS_BF16)
+	mkdir -p benchmarks/out
+	$(PY) -m benchmarks.bench_single_stream --configs compile-bf16 --hf "" --json benchmarks/out/bench_peers_research_rt.json
+	$(LLAMA_PY) benchmarks/bench_peers.py --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json benchmarks/out/bench_peers_llama.json
 
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments
