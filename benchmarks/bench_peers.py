@@ -10,6 +10,9 @@ Per GGUF: best of 3 runs (after one warm-up). Two figures per run:
   decode tok/s      tokens 2..N over the time from the first token to the last (no prompt processing)
   end-to-end tok/s  N tokens over the whole call, prompt processing included; this is what
                     bench_single_stream.py reports for research_rt (new_tokens / generate time)
+The timed runs repeat the prompt, so llama-cpp-python's `generate` reuses its cached prefix (it
+re-evaluates the last prompt token only), as research_rt's radix cache does in bench_single_stream.py;
+the two figures then differ by about one step.
 """
 
 from __future__ import annotations
