@@ -41,7 +41,13 @@ MAX_DYNAMIC_BATCH = 4096  # a fixed range: compiled-graph caches stay valid what
 # from 75 to 86 tok/s (graph call 12.2 -> 10.6 ms; benchmarks/RESULTS.md). Neither checks its inputs'
 # sizes and strides on every call (Dynamo's guards already have): with the weights as graph inputs
 # that was ~400 checks a step, ~0.6 ms of SmolLM2's batch-1 step (81 -> 85 and 94 -> 102 tok/s).
-FAMILY_CONFIG: dict[int, dict] = {1: {"cpp.threads": 1, "size_asserts": False}, 2: {"size_asserts": False}}
+# Both round to the low-precision dtype wherever the model casts (`emulate_precision_casts`): by
+# default a fused kernel keeps float32 through a cast, and fusion differs between the two graphs
+# (at batch 1 the residual add fused into RMSNorm's sum of squares, which squared the unrounded
+# float32 sum; the batch-2+ graph read the rounded bfloat16 one), so a request's greedy tokens
+# changed with the batch it ran in. With it both graphs compute each row as eager code does.
+_COMMON = {"size_asserts": False, "emulate_precision_casts": True}
+FAMILY_CONFIG: dict[int, dict] = {1: {"cpp.threads": 1, **_COMMON}, 2: _COMMON}
 
 
 def batch_buckets(max_bs: int) -> list[int]:

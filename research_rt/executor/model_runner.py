@@ -178,34 +178,49 @@ class ModelRunner:
             return batch
         if mode is ForwardMode.DECODE:  # the one new token is the last of fill_ids
             ids = [(it.req.output_ids or it.req.input_ids)[-1] for it in items]
-            pos = [it.start for it in items]
         else:
-            ids, pos = [], []
-            for it in items:
-                ids.extend(it.req.fill_ids[it.start : it.start + it.length])
-                pos.extend(range(it.start, it.start + it.length))
-        rows = torch.tensor([it.req.req_pool_row for it in items], dtype=torch.int64)
-        max_len = max(it.start + it.length for it in items)
-        metadata = self.attn_backend.build_metadata(
+            ids = [t for it in items for t in it.req.fill_ids[it.start : it.start + it.length]]
+        batch = self.make_rows_batch(
             mode,
+            [it.req.req_pool_row for it in items],
             [it.start for it in items],
             [it.length for it in items],
-            self.req_to_token.table[rows, :max_len],
-            self.device,
+            ids,
+            out_cache_loc,
+        )
+        batch.interventions = self._interventions(items)
+        if self.expert_recorder and self.expert_recorder.recording:
+            batch.expert_recorder = self.expert_recorder
+        return batch
+
+    def make_rows_batch(
+        self,
+        mode: ForwardMode,
+        pool_rows: list[int],
+        starts: list[int],
+        lengths: list[int],
+        ids: list[int],
+        out_cache_loc: torch.Tensor,
+    ) -> ForwardBatch:
+        """The ForwardBatch of `lengths[i]` tokens (flat in `ids`) for req_to_token row
+        `pool_rows[i]` from position `starts[i]`; each token sees its row's keys up to its own
+        position. In DECODE several rows may share a request row: a speculative verify runs a
+        request's last token and its drafts as rows at successive positions (speculative/verify.py)."""
+        positions = [p for start, n in zip(starts, lengths) for p in range(start, start + n)]
+        rows = torch.tensor(pool_rows, dtype=torch.int64)
+        max_len = max(start + n for start, n in zip(starts, lengths))
+        metadata = self.attn_backend.build_metadata(
+            mode, starts, lengths, self.req_to_token.table[rows, :max_len], self.device
         )
         return ForwardBatch(
             mode=mode,
-            batch_size=len(items),
+            batch_size=len(pool_rows),
             input_ids=torch.tensor(ids, dtype=torch.int64, device=self.device),
-            positions=torch.tensor(pos, dtype=torch.int64, device=self.device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=self.device),
             out_cache_loc=out_cache_loc.to(self.device),
             attn_metadata=metadata,
             kv_pool=self.kv_pool,
             attn_backend=self.attn_backend,
-            interventions=self._interventions(items),
-            expert_recorder=self.expert_recorder
-            if self.expert_recorder and self.expert_recorder.recording
-            else None,
         )
 
     @torch.inference_mode()

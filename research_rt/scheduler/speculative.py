@@ -1,13 +1,13 @@
 """One n-gram speculative decode step (--speculative-algorithm NGRAM) in place of a decode step.
 
 Each running request that may speculate (speculative/accept.py) looks up a draft of up to k
-tokens in its own prompt + output (speculative/ngram.py). When enough of the batch has one, a
-single verify forward runs every request's last token plus k drafts (padded) over KV slots
-allocated for them; each drafted request emits its accepted run, the others sample from their
-first position exactly as a decode step would. KV slots past what each request emitted are freed
-before anything reaches the prefix cache, so the cache holds accepted tokens only. Otherwise
-(no drafts, too few, a batch with interventions or expert recording, no room) the step returns
-False and the scheduler runs its normal decode step.
+tokens in its own prompt + output (speculative/ngram.py). When any request has one, a single
+verify forward runs every request's last token plus its drafts as decode rows over KV slots
+allocated for them (speculative/verify.py); each drafted request emits its accepted run, the
+others sample from their one row exactly as a decode step would. KV slots past what each request
+emitted are freed before anything reaches the prefix cache, so the cache holds accepted tokens
+only. Otherwise (no drafts, a batch too large to verify cheaply, interventions or expert
+recording, no room) the step returns False and the scheduler runs its normal decode step.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from research_rt.scheduler.cache import CacheManager
 from research_rt.scheduler.output import OutputProcessor
 from research_rt.speculative.accept import accepted_run, can_speculate
 from research_rt.speculative.ngram import NgramMatcher
-from research_rt.speculative.verify import VerifyRunner
+from research_rt.speculative.verify import draft_budget, verify_logits
 
-MIN_DRAFTED_SHARE = 0.5  # verify only when at least this share of the batch has a draft
 MAX_BACKOFF = 16  # decode steps a request skips drafting after verifies that accepted nothing
 
 
@@ -37,7 +36,6 @@ class SpeculativeDecoder:
             args.speculative_ngram_min_match_window_size,
             args.speculative_ngram_max_match_window_size,
         )
-        self.verify = VerifyRunner(runner, self.k + 1, bool(args.enable_torch_compile))
         self.matchers: dict[str, NgramMatcher] = {}
         # adaptive disabling: rid -> (steps left to skip, current backoff); a verify that accepts
         # nothing doubles the backoff (up to MAX_BACKOFF), one that accepts resets it
@@ -63,37 +61,43 @@ class SpeculativeDecoder:
         if any(r.interventions is not None for r in reqs) or (recorder is not None and recorder.recording):
             return False
         drafts = [self._draft(r) for r in reqs]
-        if sum(bool(d) for d in drafts) < max(1, MIN_DRAFTED_SHARE * len(reqs)):
-            return False
+        budget = draft_budget(len(reqs), sum(bool(d) for d in drafts), self.k)
         table = self.cache.req_to_token.table
-        if any(r.kv_len + self.k >= table.shape[1] for r in reqs):
+        # no draft past the request's last token (max_new_tokens) or its row of the table
+        drafts = [
+            d[: min(budget, r.max_new_tokens - len(r.output_ids) - 1, table.shape[1] - 1 - r.kv_len)]
+            for r, d in zip(reqs, drafts)
+        ]
+        total = sum(len(d) for d in drafts)
+        if not total:
             return False
-        self.cache.evict_for(self.k * len(reqs))
-        extra = self.cache.kv_pool.alloc(self.k * len(reqs))
+        self.cache.evict_for(total)
+        extra = self.cache.kv_pool.alloc(total)
         if extra is None:
             return False
-        rows = torch.tensor([r.req_pool_row for r in reqs])
-        cols = torch.tensor([r.kv_len for r in reqs])[:, None] + torch.arange(1, self.k + 1)[None, :]
-        table[rows[:, None], cols] = extra.view(len(reqs), self.k)
-        tokens = [[r.fill_ids[-1], *d, *[r.fill_ids[-1]] * (self.k - len(d))] for r, d in zip(reqs, drafts)]
-        logits = self.verify.run(rows, [r.kv_len for r in reqs], tokens)
-        self._emit(reqs, drafts, tokens, logits.view(len(reqs), self.k + 1, -1))
+        offset = 0
+        for req, draft in zip(reqs, drafts):
+            table[req.req_pool_row, req.kv_len + 1 : req.kv_len + 1 + len(draft)] = extra[
+                offset : offset + len(draft)
+            ]
+            offset += len(draft)
+        logits = verify_logits(self.runner, reqs, drafts)
+        self._emit(reqs, drafts, logits.split([1 + len(d) for d in drafts]))
         return True
 
-    def _emit(
-        self, reqs: list[Req], drafts: list[list[int]], tokens: list[list[int]], logits: torch.Tensor
-    ) -> None:
+    def _emit(self, reqs: list[Req], drafts: list[list[int]], logits: tuple[torch.Tensor, ...]) -> None:
         before = [len(r.output_ids) for r in reqs]
         plain = [i for i, d in enumerate(drafts) if not d]
         if plain:
             group = [reqs[i] for i in plain]
-            result = self.sampler(logits[plain, 0], group, want_logprobs=any(r.return_logprob for r in group))
+            rows = torch.cat([logits[i] for i in plain])
+            result = self.sampler(rows, group, want_logprobs=any(r.return_logprob for r in group))
             self.output.process_sampled(group, result)
         for i, req in enumerate(reqs):
             if not drafts[i]:
                 continue
-            targets = self.sampler(logits[i], [req] * (self.k + 1), want_logprobs=False).next_ids
-            run = accepted_run(targets, tokens[i][1:])
+            targets = self.sampler(logits[i], [req] * len(logits[i]), want_logprobs=False).next_ids
+            run = accepted_run(targets, drafts[i])
             self.output.append_run(req, run)
             req.spec_verify_ct = (req.spec_verify_ct or 0) + 1
             req.spec_draft_token_num += len(drafts[i])
@@ -101,11 +105,11 @@ class SpeculativeDecoder:
             req.spec_accept_token_num += accepted
             backoff = 0 if accepted else min(2 * self.backoff.get(req.rid, (0, 0))[1] or 1, MAX_BACKOFF)
             self.backoff[req.rid] = (backoff, backoff)
-        for req, n in zip(reqs, before):
+        for req, draft, n in zip(reqs, drafts, before):
             emitted = len(req.output_ids) - n  # KV holds the last token and the emitted ones but the last
             row = req.req_pool_row
             self.cache.kv_pool.free(
-                self.cache.req_to_token.table[row, req.kv_len + emitted : req.kv_len + self.k + 1].clone()
+                self.cache.req_to_token.table[row, req.kv_len + emitted : req.kv_len + len(draft) + 1].clone()
             )
             req.kv_len += emitted
             if req.finished:

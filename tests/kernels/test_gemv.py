@@ -1,5 +1,5 @@
 """The C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp) against F.linear, and the
-compiled batch-1 linear that calls it.
+compiled linear that calls it.
 
 Tolerances: float32 within 1e-5 relative / 1e-4 absolute of F.linear (both accumulate in float32,
 in a different order); bfloat16 within one bfloat16 rounding (2^-8 relative) of the float64 product
@@ -24,7 +24,7 @@ SHAPES = [(576, 960), (576, 3072), (1536, 576), (100, 37), (33, 65), (1, 5), (64
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 17])  # one pass, two passes, oneDNN past 16
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_float32_matches_linear(k, n, rows, with_bias):
     g = torch.Generator().manual_seed(k * 1000 + n)
@@ -46,6 +46,19 @@ def test_bfloat16_rounds_once(k, n, with_bias):
     torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (33, 65)])
+def test_each_row_is_bit_identical_at_any_row_count(dtype, k, n):
+    """Rows share a pass over the weight but keep their own order of products and sums, so a
+    decode batch (or a speculative verify) gives each request what batch 1 gives it."""
+    g = torch.Generator().manual_seed(k + 7 * n)
+    x = torch.randn(16, k, generator=g).to(dtype)
+    w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype)
+    alone = torch.cat([op(x[i : i + 1], w, b) for i in range(16)])
+    for rows in (2, 5, 8, 9, 16):
+        assert torch.equal(op(x[:rows], w, b), alone[:rows]), rows
+
+
 def test_non_contiguous_weight():
     w = torch.randn(48, 80).t()  # [80, 48] view with strides (1, 80)
     x = torch.randn(1, 48)
@@ -60,9 +73,9 @@ def test_rejects_mismatched_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_single_row_linear_calls_the_op(dtype):
-    """Under torch.compile a single row goes through the op (the graph holds it) and gives what
-    the op gives eagerly; two rows keep F.linear."""
+def test_compiled_linear_calls_the_op(dtype):
+    """Under torch.compile decode rows go through the op (the graph holds it) and give what the op
+    gives eagerly, at batch 1 and in a graph with a dynamic batch size."""
     seen: list[str] = []
 
     def recording_backend(gm, example_inputs):
@@ -75,9 +88,12 @@ def test_compiled_single_row_linear_calls_the_op(dtype):
     assert torch.equal(f(x), op(x, w, b))
     assert any("research_rt.gemv" in t for t in seen), seen
     seen.clear()
-    x2 = torch.randn(2, 64).to(dtype)
-    torch.testing.assert_close(f(x2), F.linear(x2, w, b), rtol=1e-2, atol=1e-2)
-    assert not any("research_rt.gemv" in t for t in seen)
+    g = torch.compile(lambda x: linear(x, w, b), backend=recording_backend, fullgraph=True, dynamic=True)
+    for rows in (2, 5, 40):
+        x = torch.randn(rows, 64).to(dtype)
+        assert torch.equal(g(x), op(x, w, b))
+    assert any("research_rt.gemv" in t for t in seen), seen
+    torch.testing.assert_close(g(x).float(), F.linear(x, w, b).float(), rtol=1e-2, atol=1e-2)
 
 
 def test_switch_off_gives_no_op(monkeypatch):

@@ -1,17 +1,22 @@
-// Matrix-vector product for single-stream decode on CPU: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+// Matrix-vector products for decode on CPU: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
 //
-// research_rt::gemv(x [M, K], w [N, K], bias [N] or None) -> [M, N] in x's dtype; M is small (1).
-// At batch 1 decode reads every weight once per token, so this loop must stream w at memory
-// bandwidth. Each thread takes a contiguous range of output rows and walks them one row at a
-// time, front to back: a single sequential stream per thread is what the hardware prefetcher
-// follows best (interleaving four rows, to reuse each load of x, ran at 26 GB/s on the LM head
-// against 46 GB/s for one row at a time; csrc measurements in benchmarks/RESULTS.md). bfloat16
-// uses AVX512-BF16's pairwise dot product (VDPBF16PS: 32 products per instruction, float32
-// accumulation); float32 uses AVX-512 FMAs; other CPUs use a plain loop for the vectorizer.
+// research_rt::gemv(x [M, K], w [N, K], bias [N] or None) -> [M, N] in x's dtype. With few rows
+// (a single stream, a small batch, a speculative verify of 5 tokens) a linear layer is bound by
+// reading its weight once from memory, so this loop must stream w at memory bandwidth. Each thread
+// takes a contiguous range of output rows and walks them one weight row at a time, front to back: a
+// single sequential stream per thread is what the hardware prefetcher follows best (interleaving
+// four weight rows, to reuse each load of x, ran at 26 GB/s on the LM head against 46 GB/s for one
+// row at a time; benchmarks/RESULTS.md). Each weight row is loaded once for up to kMaxRows input
+// rows. Measured on SmolLM2-135M's linears in bfloat16 (2 threads, RESULTS.md): 8.5 ms for one row,
+// 9.2 ms for five, 13.6 ms for eight, against oneDNN's 17.8 / 20.8 / 22.4 ms; past kStreamMaxRows
+// rows (two passes) oneDNN's GEMM wins and the op calls it. bfloat16 uses AVX512-BF16's pairwise dot
+// product (VDPBF16PS: 32 products per instruction, float32 accumulation); float32 uses AVX-512
+// FMAs; other CPUs use a plain loop for the vectorizer.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -23,6 +28,8 @@
 namespace {
 
 constexpr int64_t kGrain = 64;  // at least this many output rows per thread
+constexpr int64_t kMaxRows = 8;         // input rows per pass over the weight (16 accumulators in registers)
+constexpr int64_t kStreamMaxRows = 16;  // more rows go to at::linear (oneDNN's GEMM)
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -31,51 +38,86 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-// One dot product of length K, accumulated in float32.
-inline float dot(const float* w, const float* x, int64_t K) {
+// Dot products of one weight row with R input rows, each accumulated in float32. The weight is
+// loaded once for all R rows; every row's products and sums run in the same order whatever R is
+// (two accumulators over 32- or 64-wide steps, a masked tail into the first, one final reduction),
+// so a row's result is bit-identical at any batch size: batch 1 and a 5-row verify agree.
+template <int R>
+inline void dots(const float* w, const float* const* x, int64_t K, float* out) {
 #if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x[r] + k), a0[r]);
+      a1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x[r] + k + 16), a1[r]);
+    }
   }
   for (; k < K; k += 16) {  // the tail: masked loads read zeros past K
     const __mmask16 m = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + k), _mm512_maskz_loadu_ps(m, x + k), a0);
+    const __m512 w0 = _mm512_maskz_loadu_ps(m, w + k);
+    for (int r = 0; r < R; ++r) a0[r] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m, x[r] + k), a0[r]);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 #else
-  float acc = 0.f;
+  for (int r = 0; r < R; ++r) {
+    float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < K; ++k) acc += w[k] * x[k];
-  return acc;
+    for (int64_t k = 0; k < K; ++k) acc += w[k] * x[r][k];
+    out[r] = acc;
+  }
 #endif
 }
 
-inline float dot(const at::BFloat16* wt, const at::BFloat16* xt, int64_t K) {
+template <int R>
+inline void dots(const at::BFloat16* wt, const at::BFloat16* const* xt, int64_t K, float* out) {
   const uint16_t* w = reinterpret_cast<const uint16_t*>(wt);
-  const uint16_t* x = reinterpret_cast<const uint16_t*>(xt);
 #if defined(__AVX512BF16__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
-    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + k + 32),
-                          (__m512bh)_mm512_loadu_si512(x + k + 32));
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k), w1 = (__m512bh)_mm512_loadu_si512(w + k + 32);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(xt[r]);
+      a0[r] = _mm512_dpbf16_ps(a0[r], w0, (__m512bh)_mm512_loadu_si512(x + k));
+      a1[r] = _mm512_dpbf16_ps(a1[r], w1, (__m512bh)_mm512_loadu_si512(x + k + 32));
+    }
   }
   for (; k < K; k += 32) {
     const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
-    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + k),
-                          (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(m, w + k);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* x = reinterpret_cast<const uint16_t*>(xt[r]);
+      a0[r] = _mm512_dpbf16_ps(a0[r], w0, (__m512bh)_mm512_maskz_loadu_epi16(m, x + k));
+    }
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
 #else
-  float acc = 0.f;
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* x = reinterpret_cast<const uint16_t*>(xt[r]);
+    float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t k = 0; k < K; ++k) acc += bf16_to_float(w[k]) * bf16_to_float(x[k]);
-  return acc;
+    for (int64_t k = 0; k < K; ++k) acc += bf16_to_float(w[k]) * bf16_to_float(x[k]);
+    out[r] = acc;
+  }
 #endif
+}
+
+// Output rows [n0, n1) for input rows [m0, m0 + R): the weight rows stream once for all R.
+template <int R, typename T>
+void rows_kernel(const T* xp, const T* wp, const T* bp, T* op, int64_t m0, int64_t K, int64_t N,
+                 int64_t n0, int64_t n1) {
+  const T* x[R];
+  for (int r = 0; r < R; ++r) x[r] = xp + (m0 + r) * K;
+  float v[R];
+  for (int64_t n = n0; n < n1; ++n) {
+    dots<R>(wp + n * K, x, K, v);
+    const float b = bp ? static_cast<float>(bp[n]) : 0.f;
+    for (int r = 0; r < R; ++r) op[(m0 + r) * N + n] = static_cast<T>(v[r] + b);
+  }
 }
 
 template <typename T>
@@ -86,11 +128,19 @@ void gemv_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   const T* bp = bias ? bias->data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
   at::parallel_for(0, N, kGrain, [&](int64_t n0, int64_t n1) {
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t n = n0; n < n1; ++n) {
-        const float v = dot(wp + n * K, xp + m * K, K) + (bp ? static_cast<float>(bp[n]) : 0.f);
-        op[m * N + n] = static_cast<T>(v);
+    for (int64_t m = 0; m < M;) {  // groups of up to kMaxRows input rows, one weight pass each
+      const int64_t r = std::min<int64_t>(M - m, kMaxRows);
+      switch (r) {
+        case 1: rows_kernel<1>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 2: rows_kernel<2>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 3: rows_kernel<3>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 4: rows_kernel<4>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 5: rows_kernel<5>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 6: rows_kernel<6>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        case 7: rows_kernel<7>(xp, wp, bp, op, m, K, N, n0, n1); break;
+        default: rows_kernel<8>(xp, wp, bp, op, m, K, N, n0, n1); break;
       }
+      m += r;
     }
   });
 }
@@ -98,6 +148,7 @@ void gemv_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w must have one dtype");
+  if (x.size(0) > kStreamMaxRows) return at::linear(x, w, bias);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor bc;
   if (bias.has_value()) bc = bias->to(x.scalar_type()).contiguous();

@@ -1,12 +1,14 @@
 """Linear layers that decode fast on CPU under torch.compile.
 
-For one row (single-stream decode), a matrix-vector product is bound by reading the weight
-once from memory. oneDNN/MKL GEMV reaches a fraction of the memory bandwidth on small CPUs. Under
-compile a single row goes through the C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp)
-where it builds: all of SmolLM2-135M's linears in bfloat16 stream at 85% of what `torch.sum` reads,
-against 66% for Inductor's loop below (benchmarks/RESULTS.md). Without the op, Inductor turns
-`(w * x).sum(-1)` into one vectorised loop that streams the weight in its own dtype and accumulates
-in float32. Eager code and larger batches use `F.linear` (a GEMM that reuses each weight across rows).
+For few rows (decode) a matrix-vector product is bound by reading the weight once from memory,
+and oneDNN/MKL reach a fraction of the memory bandwidth on small CPUs. Under compile, decode
+batches go through the C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp) where it
+builds: all of SmolLM2-135M's linears in bfloat16 stream at 85% of what `torch.sum` reads for one
+row, against 66% for Inductor's loop below (benchmarks/RESULTS.md), and up to 16 rows share each
+pass over a weight (5 rows: 9.2 ms against oneDNN's 20.8 ms); the op hands more rows to oneDNN's
+GEMM. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
+streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
+batches without the op use `F.linear`.
 
 For Inductor's loop the row `x` is materialized first (`materialize`, an opaque copy): left to itself Inductor inlines
 x's producer into the weight loop and recomputes it for every output row — the SiLU before
@@ -50,13 +52,14 @@ def linear(
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias; a single row uses the weight-only kernel when the weight is `packed`
-    (see quant.py), else the weight-streaming loop under compile."""
+    (see quant.py); under compile, the gemv op (or for one row without it, the streaming loop)."""
     if packed is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
         out = packed.matmul(x)
         return out if bias is None else out + bias
-    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
+    if x.dim() == 2 and torch.compiler.is_compiling():
         if x.device.type == "cpu" and x.dtype == weight.dtype in _GEMV_DTYPES and _gemv_available():
-            return torch.ops.research_rt.gemv(x, weight, bias)
+            return torch.ops.research_rt.gemv(x, weight, bias)  # any rows: past 16 it calls oneDNN
+    if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
         x = materialize(x)
         out = (weight[:, None, :].float() * x[None, :, :].float()).sum(-1).t()
         if bias is not None:
