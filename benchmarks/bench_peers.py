@@ -1,95 +1,81 @@
-"""Single-stream greedy decode on llama.cpp (llama-cpp-python), the peer of bench_single_stream.py.
+"""llama.cpp (llama-cpp-python) on the three `make bench-peers` workloads, one GGUF after another.
 
 Runs with the llama venv's python (`make bench-peers` sets it up under .peers/llama); does not import
-research_rt or torch. Same workload as research_rt's single-stream bench: the STORY prompt of
-benchmarks/common.py (read from that file), 128 new tokens, greedy, EOS ignored, 2 threads.
+research_rt or torch. Reads the token ids of benchmarks/peers_workloads.py and is timed by that file's
+shared code; 2 threads, n_ctx 2048, n_batch 512, greedy (top_k 1), EOS ignored (`generate` never stops
+by itself: we stop after N tokens).
 
-.peers/llama/bin/python benchmarks/bench_peers.py --gguf bf16=PATH --gguf q4_1=PATH [--json PATH]
+llama-cpp-python serves one sequence per `Llama`, so W2's and W3's prompts run one after another.
+`Llama.generate` keeps the KV of the previous call and re-evaluates only what follows the longest
+common prefix with the new prompt (it trims the KV cache to that prefix with `kv_cache_seq_rm`):
+  W1  the repeated prompt is reused up to its last token (as research_rt's radix cache does);
+  W2  the random prompts share nothing, so each is prefilled in full;
+  W3  the 1024-token prefix is evaluated once (by the first request, inside the timed run: `reset()`
+      empties the context before it) and each later request evaluates only its 32-token suffix,
+      i.e. the same as evaluating the prefix once and restoring its state for every request.
+Warm-up: W1 as in the shared code; W2 one prompt (llama.cpp compiles nothing and has no
+shape-dependent warm-up; the whole W2 twice would add minutes); W3 the whole workload.
 
-Per GGUF: best of 3 runs (after one warm-up). Two figures per run:
-  decode tok/s      tokens 2..N over the time from the first token to the last (no prompt processing)
-  end-to-end tok/s  N tokens over the whole call, prompt processing included; this is what
-                    bench_single_stream.py reports for research_rt (new_tokens / generate time)
-The timed runs repeat the prompt, so llama-cpp-python's `generate` reuses its cached prefix (it
-re-evaluates the last prompt token only), as research_rt's radix cache does in bench_single_stream.py;
-the two figures then differ by about one step.
+.peers/llama/bin/python benchmarks/bench_peers.py WORKLOADS.json --gguf bf16=PATH --gguf q4_1=PATH
+    [--json OUT.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
-import time
-from pathlib import Path
 
 import llama_cpp
+from peers_workloads import batch_figures, load, w1_figures
 
 
-def story_prompt() -> str:
-    """STORY from benchmarks/common.py, read without importing it (it imports torch)."""
-    tree = ast.parse((Path(__file__).parent / "common.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "STORY" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise RuntimeError("STORY not found in benchmarks/common.py")
-
-
-def run_once(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
-    """One greedy generation of exactly `new_tokens` (EOS is not a stop: `generate` never stops itself)."""
+def generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> list[int]:
+    """Exactly `new_tokens` greedy tokens after `prompt`, reusing the KV of the common prefix."""
     out: list[int] = []
-    t0 = time.perf_counter()
-    t_first = t0
     for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
         out.append(tok)
-        if len(out) == 1:
-            t_first = time.perf_counter()
         if len(out) == new_tokens:
             break
-    t_end = time.perf_counter()
-    decode = (new_tokens - 1) / (t_end - t_first)
-    return decode, new_tokens / (t_end - t0), out
+    return out
 
 
-def bench(path: str, prompt_text: str, new_tokens: int, runs: int, threads: int) -> dict:
+def bench(path: str, work: dict, threads: int) -> dict:
     llm = llama_cpp.Llama(
         model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
     )
-    prompt = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
-    run_once(llm, prompt, new_tokens)  # warm-up
-    results = [run_once(llm, prompt, new_tokens) for _ in range(runs)]
-    text = llm.detokenize(results[0][2]).decode(errors="replace")
-    del llm
-    return {
-        "decode_tok_s": max(r[0] for r in results),
-        "end_to_end_tok_s": max(r[1] for r in results),
-        "prompt_tokens": len(prompt),
-        "new_tokens": new_tokens,
-        "text_head": text[:80],
-    }
+
+    def run(prompts: list[list[int]], n: int) -> list[list[int]]:
+        return [generate(llm, p, n) for p in prompts]
+
+    row = w1_figures(lambda ids, n: generate(llm, ids, n), work)
+    row |= batch_figures("w2", run, llm.reset, work, warmup_prompts=1)
+    row |= batch_figures("w3", run, llm.reset, work)
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("workloads")
     parser.add_argument("--gguf", action="append", default=[], help="NAME=PATH; repeatable")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    prompt = story_prompt()
+    work = load(args.workloads)
     rows = {}
-    print(f"llama-cpp-python {llama_cpp.__version__}, {args.threads} threads, {args.new_tokens} new tokens")
-    print(f"{'llama.cpp':16s} {'decode tok/s':>13s} {'end-to-end tok/s':>17s}")
+    print(f"llama-cpp-python {llama_cpp.__version__}, {args.threads} threads", flush=True)
     for spec in args.gguf:
         name, path = spec.split("=", 1)
         if not os.path.exists(path):
-            print(f"llama.cpp {name:6s} missing: {path}")
-            continue
-        r = bench(path, prompt, args.new_tokens, args.runs, args.threads)
+            raise SystemExit(f"llama.cpp {name}: missing {path}")
+        r = bench(path, work, args.threads)
+        r["version"] = llama_cpp.__version__
         rows[f"llama.cpp {name}"] = r
-        print(f"llama.cpp {name:6s} {r['decode_tok_s']:13.1f} {r['end_to_end_tok_s']:17.1f}", flush=True)
+        print(
+            f"llama.cpp {name}: W1 {r['w1_decode_tok_s']:.1f} / {r['w1_e2e_tok_s']:.1f} tok/s, "
+            f"W2 {r['w2_s']:.1f} s, W3 {r['w3_s']:.2f} s",
+            flush=True,
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

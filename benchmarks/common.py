@@ -32,6 +32,15 @@ def random_prompts(tokenizer, n: int, lo: int, hi: int, seed: int = 0) -> list[l
     return [ids[(s := rng.randrange(0, len(ids) - hi)) : s + rng.randint(lo, hi)] for _ in range(n)]
 
 
+def shared_prefix_prompts(
+    n: int = 32, prefix_len: int = 1024, suffix_len: int = 32, seed: int = 1
+) -> list[list[int]]:
+    """The shared-prefix workload (W3): n prompts = one random prefix + a random suffix each."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(100, 49000) for _ in range(prefix_len)]
+    return [prefix + [rng.randrange(100, 49000) for _ in range(suffix_len)] for _ in range(n)]
+
+
 def load_hf_smollm(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,58 @@
+"""research_rt on the three `make bench-peers` workloads (W1 single stream, W2 64 prompts, W3 shared
+prefix), from the token ids of benchmarks/peers_workloads.py, timed by that file's shared code.
+
+One `Engine` (bfloat16, decode step compiled before serving: the compile-bf16 config of
+bench_single_stream.py) runs all three; the prefix cache is flushed before each timed W2/W3 run, so the
+W3 prefix is computed once inside the timed run, as in every peer.
+
+.venv/bin/python -m benchmarks.bench_peers_research_rt WORKLOADS.json [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks.peers_workloads import batch_figures, load, w1_figures
+
+
+def bench(work: dict) -> dict:
+    import research_rt
+
+    with research_rt.Engine(
+        dtype="bfloat16", enable_torch_compile=True, disable_background_compile=True
+    ) as e:
+
+        def run(prompts: list[list[int]], n: int) -> list[list[int]]:
+            params = {"temperature": 0, "max_new_tokens": n, "ignore_eos": True}
+            outs = e.generate(input_ids=prompts, sampling_params=params)
+            return [o["output_ids"] for o in outs]
+
+        def reset() -> None:
+            assert e.flush_cache(), "flush_cache refused"
+
+        row = w1_figures(lambda ids, n: run([ids], n)[0], work)
+        row |= batch_figures("w2", run, reset, work)
+        row |= batch_figures("w3", run, reset, work)
+        e.check_pool_integrity()
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workloads")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    row = bench(load(args.workloads))
+    print(
+        f"research_rt compile-bf16: W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s, "
+        f"W2 {row['w2_s']:.1f} s, W3 {row['w3_s']:.2f} s",
+        flush=True,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"research_rt compile-bf16": row}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
