@@ -4,11 +4,12 @@ Row j of a request with n drafts is the token at position kv_len + j: it writes 
 attends to the request's keys up to its own position, which is what the decode step that would
 have produced it computes. So the rows go through the runner's ordinary decode step (compiled when
 it is; no graph of its own, nothing padded to k drafts: a request without a draft is one plain
-decode row). On CPU the compiled step streams each weight once for up to 16 rows (the gemv op,
-kernels/csrc/gemv.cpp) and computes every row as batch 1 does, so verifying 4 drafts of SmolLM2-135M
-in bfloat16 costs about what one decode step does (9.2 against 8.5 ms of linears; RESULTS.md).
-Past MAX_VERIFY_ROWS rows the step turns into a GEMM, and a verify costs more than the tokens it
-saves: `draft_budget` keeps a verify within the rows that share one pass over the weights.
+decode row). On CPU the compiled step streams each weight once for up to 8 rows (the gemv op,
+kernels/csrc/gemv.cpp) and computes every row as batch 1 does, bit for bit. SmolLM2-135M's
+linears in bfloat16 take 9.2-10.3 ms for 5 rows against 8.5 for one; a whole verify of 4 drafts
+measured 1.8 decode steps inside the scheduler (RESULTS.md: the kernel stops streaming at
+bandwidth from 4 rows). Past MAX_VERIFY_ROWS rows the linears turn into a GEMM and a verify costs
+more than the tokens it saves: `draft_budget` keeps a verify within 16 rows.
 """
 
 from __future__ import annotations
