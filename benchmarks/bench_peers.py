@@ -23,11 +23,10 @@ shape-dependent warm-up; the whole W2 twice would add minutes); W3 the whole wor
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import llama_cpp
-from peers_workloads import batch_figures, load, w1_figures
+from peers_workloads import batch_figures, load, report, save, w1_figures
 
 
 def generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> list[int]:
@@ -71,14 +70,8 @@ def main() -> None:
         r = bench(path, work, args.threads)
         r["version"] = llama_cpp.__version__
         rows[f"llama.cpp {name}"] = r
-        print(
-            f"llama.cpp {name}: W1 {r['w1_decode_tok_s']:.1f} / {r['w1_e2e_tok_s']:.1f} tok/s, "
-            f"W2 {r['w2_s']:.1f} s, W3 {r['w3_s']:.2f} s",
-            flush=True,
-        )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        report(f"llama.cpp {name}", r)
+    save(args.json, rows)
 
 
 if __name__ == "__main__":

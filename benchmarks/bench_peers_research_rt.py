@@ -11,9 +11,8 @@ W3 prefix is computed once inside the timed run, as in every peer.
 from __future__ import annotations
 
 import argparse
-import json
 
-from benchmarks.peers_workloads import batch_figures, load, w1_figures
+from benchmarks.peers_workloads import batch_figures, load, report, save, w1_figures
 
 
 def bench(work: dict) -> dict:
@@ -44,14 +43,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     row = bench(load(args.workloads))
-    print(
-        f"research_rt compile-bf16: W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s, "
-        f"W2 {row['w2_s']:.1f} s, W3 {row['w3_s']:.2f} s",
-        flush=True,
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"research_rt compile-bf16": row}, f, indent=2)
+    report("research_rt compile-bf16", row)
+    save(args.json, {"research_rt compile-bf16": row})
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ Makefile sets these), `max_num_seqs` 64 so W2's 64 prompts decode in one batch, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from peers_workloads import batch_figures, load, w1_figures
+from peers_workloads import batch_figures, load, report, save, w1_figures
 
 
 def bench(model: str, work: dict, max_num_batched_tokens: int) -> dict:
@@ -66,14 +65,8 @@ def main() -> None:
     }
     print(f"vLLM environment: {env}", flush=True)
     row = bench(args.model, load(args.workloads), args.max_num_batched_tokens)
-    print(
-        f"vLLM {row['version']} bf16: W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s, "
-        f"W2 {row['w2_s']:.1f} s, W3 {row['w3_s']:.2f} s",
-        flush=True,
-    )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"vLLM CPU bf16": row}, f, indent=2)
+    report(f"vLLM {row['version']} bf16", row)
+    save(args.json, {"vLLM CPU bf16": row})
 
 
 if __name__ == "__main__":  # vLLM's engine core starts by spawn: the entry point must be guarded

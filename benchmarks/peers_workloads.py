@@ -87,6 +87,22 @@ def batch_figures(
     return {f"{name}_s": elapsed, f"{name}_tok_s": total / elapsed, f"{name}_ids0": outs[0][:8]}
 
 
+def report(name: str, row: dict) -> None:
+    """One engine's figures on one line, as every peer script prints them."""
+    print(
+        f"{name}: W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s, "
+        f"W2 {row['w2_s']:.1f} s, W3 {row['w3_s']:.2f} s",
+        flush=True,
+    )
+
+
+def save(path: str | None, rows: dict[str, dict]) -> None:
+    """Write {engine: figures} for benchmarks/peers_table.py (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
