@@ -4,9 +4,9 @@ For few rows (decode) a matrix-vector product is bound by reading the weight onc
 and oneDNN/MKL reach a fraction of the memory bandwidth on small CPUs. Under compile, decode
 batches go through the C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp) where it
 builds: all of SmolLM2-135M's linears in bfloat16 stream at 85% of what `torch.sum` reads for one
-row, against 66% for Inductor's loop below (benchmarks/RESULTS.md), and up to 16 rows share each
-pass over a weight (5 rows: 9.2-10.3 ms against oneDNN's 20.8 ms); the op hands more rows to oneDNN's
-GEMM. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
+row, against 66% for Inductor's loop below (benchmarks/RESULTS.md); up to 8 rows share each pass
+over a weight (5 rows: 9.2-10.3 ms against oneDNN's 20.8 ms), 16 take two passes, and the op hands
+more rows to oneDNN's GEMM. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
 streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
 batches without the op use `F.linear`.
 
