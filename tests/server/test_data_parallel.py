@@ -377,16 +377,33 @@ def test_compiled_workers_and_health_503_while_starting(tiny_dir, tmp_path_facto
         proc.wait(timeout=60)
 
 
+SLOW_STEP_SRC = """
+import time
+from research_rt.sampling.custom_logit_processor import CustomLogitProcessor
+
+class SlowStep(CustomLogitProcessor):
+    def __call__(self, logits, custom_param_list=None):
+        time.sleep(0.01)
+        return logits
+"""
+
+
 def test_health_503_while_draining_on_sigterm(tiny_server_factory):
     """SIGTERM: /health answers 503 at once (a router stops sending here); a short running request
     finishes normally, one still running after the drain time is aborted; then a clean exit."""
     from research_rt.launch_server import SHUTDOWN_DRAIN_S
 
-    server = tiny_server_factory()
+    # Each step sleeps 10 ms in a logit processor, so 7000 tokens take over 70 s on any machine (the
+    # tiny model alone decodes 700+ tokens/s here, which finished the long request within the drain).
+    server = tiny_server_factory(["--enable-custom-logit-processor"])
+    ns: dict = {"__name__": "__main__"}  # dill pickles a class of __main__ by value
+    exec(SLOW_STEP_SRC, ns)  # noqa: S102 - test fixture code
+    slow = ns["SlowStep"].to_str()
     results = {}
 
     def run(name: str, n: int) -> None:
-        body = {"text": f"drain {name}", "sampling_params": {"max_new_tokens": n, "ignore_eos": True}}
+        sp = {"max_new_tokens": n, "ignore_eos": True}
+        body = {"text": f"drain {name}", "sampling_params": sp, "custom_logit_processor": slow}
         results[name] = gen(server.base_url, body).json()["meta_info"]
 
     threads = [threading.Thread(target=run, args=a) for a in (("short", 24), ("long", 7000))]
