@@ -1,6 +1,11 @@
 """C++ CPU kernels as `torch.library` custom ops (csrc/), with fake implementations so compiled
 graphs call them; callers keep a pure-PyTorch path for when they are unavailable (build.py)."""
 
-from research_rt.kernels.build import decode_attention_op, decode_attention_vectorized, gemv_op
+from research_rt.kernels.build import (
+    decode_attention_op,
+    decode_attention_vectorized,
+    extend_attention_op,
+    gemv_op,
+)
 
-__all__ = ["decode_attention_op", "decode_attention_vectorized", "gemv_op"]
+__all__ = ["decode_attention_op", "decode_attention_vectorized", "extend_attention_op", "gemv_op"]

@@ -1,6 +1,6 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`decode_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
+`decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
 has been compiled and loaded, or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
@@ -49,6 +49,10 @@ def _load() -> bool:
     def _(q, k_buf, v_buf, kv_indices, attn_mask, scale):
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
+    @torch.library.register_fake("research_rt::extend_attention")
+    def _(q, k_buf, v_buf, kv_indices, prefix_lens, extend_lens, scale):
+        return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -82,6 +86,16 @@ def decode_attention_vectorized(dtype: torch.dtype, head_dim: int) -> bool:
         return False
     width = torch.ops.research_rt.decode_attention_vector_width(dtype == torch.bfloat16)
     return width > 0 and head_dim % width == 0
+
+
+def extend_attention_op(dtype: torch.dtype, head_dim: int):
+    """`research_rt::extend_attention` (csrc/extend_attention.cpp) where this build runs it for the
+    dtype and head size (bfloat16 on AVX512-BF16), or None: the caller runs SDPA."""
+    if not _loaded() or not torch.ops.research_rt.extend_attention_supported(
+        dtype == torch.bfloat16, head_dim
+    ):
+        return None
+    return torch.ops.research_rt.extend_attention
 
 
 def gemv_op():

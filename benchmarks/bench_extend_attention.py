@@ -1,0 +1,94 @@
+"""Extend (prefill) attention over the KV pool for one SmolLM2-135M layer (9 query heads, 3 KV heads,
+head_dim 64, bfloat16): the C++ `extend_attention` op against the SDPA path it replaces (gather
+into padded [B, KVH, Lk, D], explicit mask, `F.scaled_dot_product_attention`), on W2's and W3's
+batches. Best of 5; GFLOP/s counts the causal work only (4 * D flops per query head and seen key).
+The last column is the path `TorchNativeAttnBackend` takes for the batch (`extend_op_wins`).
+
+.venv/bin/python -m benchmarks.bench_extend_attention
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from types import SimpleNamespace
+
+import torch
+
+from research_rt.core.forward_batch import ForwardMode
+from research_rt.executor.attention.torch_native import (
+    TorchNativeAttnBackend,
+    TorchNativeMetadata,
+    extend_op_wins,
+)
+from research_rt.kernels import extend_attention_op
+
+H, KVH, D = 9, 3, 64
+
+
+def batch(prefix_lens: list[int], extend_lens: list[int]) -> dict:
+    """Random pool and queries; each request's keys in scattered slots, as a busy pool has them."""
+    lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    slots = torch.randperm(sum(lens) + 1)[: sum(lens)] + 1
+    kv_rows = torch.zeros(len(lens), max(lens), dtype=torch.int64)
+    at = 0
+    for b, n in enumerate(lens):
+        kv_rows[b, :n] = slots[at : at + n]
+        at += n
+    backend = TorchNativeAttnBackend()
+    meta = backend.build_metadata(ForwardMode.EXTEND, prefix_lens, extend_lens, kv_rows)
+    pool = sum(lens) + 2
+    return {
+        "q": torch.randn(sum(extend_lens), H, D).bfloat16(),
+        "k": torch.randn(pool, KVH, D).bfloat16(),
+        "v": torch.randn(pool, KVH, D).bfloat16(),
+        "meta": meta,
+        "flops": sum(4 * D * H * sum(p + i + 1 for i in range(e)) for p, e in zip(prefix_lens, extend_lens)),
+    }
+
+
+def best_ms(f, reps: int = 5) -> float:
+    f()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def main() -> None:
+    op = extend_attention_op(torch.bfloat16, D)
+    if op is None:
+        raise SystemExit("the C++ extend_attention op does not run on this build or CPU")
+    rng = random.Random(0)
+    cases = {
+        "W2 chunk: 8 prompts of 32-512": ([0] * 8, [rng.randint(32, 512) for _ in range(8)]),
+        "one 37-token chat prompt (W1)": ([0], [37]),
+        "one 1024-token prompt": ([0], [1024]),
+        "W3 suffixes: 32 x (1024 cached + 32)": ([1024] * 32, [32] * 32),
+        "chunked: 512 after 1536 cached": ([1536], [512]),
+    }
+    for name, (prefix, extend) in cases.items():
+        sdpa, ours, flops = time_both(op, batch(prefix, extend))
+        print(
+            f"{name:40s} SDPA {sdpa:7.2f} ms ({flops / sdpa / 1e6:5.0f} GFLOP/s)"
+            f"  op {ours:7.2f} ms ({flops / ours / 1e6:5.0f} GFLOP/s)  {sdpa / ours:4.1f}x"
+            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend)) else 'SDPA'}",
+            flush=True,
+        )
+
+
+def time_both(op, x: dict) -> tuple[float, float, int]:
+    """Milliseconds of the SDPA path and of the op on one batch, and the batch's causal flops."""
+    layer = SimpleNamespace(scaling=D**-0.5, num_heads=H, num_kv_heads=KVH, head_dim=D)
+    meta: TorchNativeMetadata = x["meta"]
+    fwd = SimpleNamespace(attn_metadata=meta)
+    q, k, v = x["q"], x["k"], x["v"]
+    sdpa = best_ms(lambda: TorchNativeAttnBackend._sdpa_extend(q, k, v, layer, fwd))
+    ours = best_ms(lambda: op(q, k, v, meta.kv_indices, meta.prefix_lens, meta.extend_lens, layer.scaling))
+    return sdpa, ours, x["flops"]
+
+
+if __name__ == "__main__":
+    main()

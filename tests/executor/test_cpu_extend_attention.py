@@ -1,0 +1,142 @@
+"""The C++ extend-attention op (research_rt/kernels/csrc/extend_attention.cpp) against attention in
+float32 on the same bfloat16 inputs, and against the backend's SDPA path.
+
+Tolerance: 2e-2 absolute on outputs of magnitude ~1 (|q.k| scaled to O(1), values ~N(0, 1)). The op
+keeps scores, softmax and sums in float32, rounds the probabilities to bfloat16 before multiplying
+the values (as flash attention does for its second matmul: ~2^-9 relative per term) and rounds the
+output once; one bfloat16 rounding of an output near 2 is 2^-7 = 0.0078.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from research_rt.core.forward_batch import ForwardMode
+from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
+from research_rt.kernels import extend_attention_op
+
+pytestmark = pytest.mark.skipif(
+    extend_attention_op(torch.bfloat16, 64) is None, reason="the op needs the C++ extension and AVX512-BF16"
+)
+
+
+def make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed):
+    """A pool whose slots are scattered at random (as a busy server has them), slot 0 a dummy row of
+    huge values that no real key may see, and queries for each request's new tokens."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    slots = 1 + torch.randperm(sum(lens) + 50, generator=g)
+    k_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).bfloat16()
+    v_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).bfloat16()
+    k_buf[0], v_buf[0] = 1e3, -1e3
+    rows = torch.zeros(len(lens), max(lens), dtype=torch.int64)
+    start = 0
+    for b, n in enumerate(lens):
+        rows[b, :n] = slots[start : start + n]
+        start += n
+    meta = TorchNativeAttnBackend().build_metadata(ForwardMode.EXTEND, prefix_lens, extend_lens, rows)
+    q = torch.randn(sum(extend_lens), heads, d, generator=g).bfloat16()
+    return q, k_buf, v_buf, meta
+
+
+def reference(q, k_buf, v_buf, meta, scale):
+    """Request by request in float32: query i of request b at position prefix + i sees keys 0..prefix + i."""
+    out, start = [], 0
+    for b, (p, e) in enumerate(zip(meta.prefix_lens.tolist(), meta.extend_lens.tolist())):
+        slots = meta.kv_indices[b, : p + e]
+        keys, values = k_buf[slots].float().transpose(0, 1), v_buf[slots].float().transpose(0, 1)
+        queries = q[start : start + e].float().transpose(0, 1)
+        mask = torch.arange(p + e)[None, :] <= p + torch.arange(e)[:, None]
+        o = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        out.append(o.transpose(0, 1).reshape(e, -1))
+        start += e
+    return torch.cat(out)
+
+
+# (heads, kv_heads, head_dim, prefix_lens, extend_lens): SmolLM2's 9/3 heads of 64; group sizes 1, 2,
+# 3, 12 (a group of 12 leaves room for 5 positions per item); lengths around the 32-key blocks and
+# the 16-lane row vectors; a prefix that ends mid-block; one-token extends next to long ones
+CASES = [
+    (9, 3, 64, [0], [37]),
+    (9, 3, 64, [0, 5, 100], [7, 40, 33]),
+    (9, 3, 64, [0], [300]),
+    (9, 3, 64, [1024, 1024], [32, 32]),
+    (4, 2, 32, [3, 0], [70, 1]),
+    (8, 8, 128, [50], [17]),
+    (12, 1, 64, [0, 31, 32, 33], [64, 1, 2, 65]),
+    (6, 2, 128, [0, 63, 64], [16, 16, 129]),
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,prefix_lens,extend_lens", CASES)
+def test_matches_float32_attention(heads, kv_heads, d, prefix_lens, extend_lens):
+    q, k_buf, v_buf, meta = make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed=d + sum(extend_lens))
+    op = extend_attention_op(torch.bfloat16, d)
+    out = op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, d**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (q.shape[0], heads * d)
+    torch.testing.assert_close(out.float(), reference(q, k_buf, v_buf, meta, d**-0.5), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,prefix_lens,extend_lens", CASES[:4])
+def test_matches_the_sdpa_path(heads, kv_heads, d, prefix_lens, extend_lens):
+    """The backend's two extend paths agree, so which one a batch takes does not change its output
+    beyond bfloat16 rounding."""
+    q, k_buf, v_buf, meta = make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed=1)
+    layer = SimpleNamespace(scaling=d**-0.5, num_heads=heads, num_kv_heads=kv_heads, head_dim=d)
+    sdpa = TorchNativeAttnBackend._sdpa_extend(q, k_buf, v_buf, layer, SimpleNamespace(attn_metadata=meta))
+    out = extend_attention_op(torch.bfloat16, d)(
+        q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, d**-0.5
+    )
+    torch.testing.assert_close(out.float(), sdpa.float(), rtol=0, atol=2e-2)
+
+
+def test_each_request_gets_what_it_gets_alone():
+    """Requests share work items only with themselves: a request's rows are bit-identical whether it
+    runs alone or beside others (greedy output does not depend on batch composition)."""
+    q, k_buf, v_buf, meta = make_case(9, 3, 64, [0, 40, 7], [50, 20, 90], seed=3)
+    op = extend_attention_op(torch.bfloat16, 64)
+    together = op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125)
+    start = 0
+    for b in range(3):
+        e = int(meta.extend_lens[b])
+        alone = op(
+            q[start : start + e],
+            k_buf,
+            v_buf,
+            meta.kv_indices[b : b + 1],
+            meta.prefix_lens[b : b + 1],
+            meta.extend_lens[b : b + 1],
+            0.125,
+        )
+        assert torch.equal(alone, together[start : start + e]), b
+        start += e
+
+
+def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
+    assert extend_attention_op(torch.float32, 64) is None
+    assert extend_attention_op(torch.bfloat16, 80) is None
+
+
+@pytest.mark.parametrize(
+    "prefix_lens,extend_lens,path",
+    [([0, 5], [40, 300], "op"), ([0], [37], "op"), ([0], [300], "sdpa"), ([1024], [32], "op")],
+)
+def test_backend_takes_the_op_where_it_wins(prefix_lens, extend_lens, path):
+    """Several requests or one short prompt: the op; one long prompt: SDPA (extend_op_wins)."""
+    q, k_buf, v_buf, meta = make_case(9, 3, 64, prefix_lens, extend_lens, seed=5)
+    layer = SimpleNamespace(scaling=0.125, num_heads=9, num_kv_heads=3, head_dim=64)
+    batch = SimpleNamespace(attn_metadata=meta)
+    got = TorchNativeAttnBackend._extend(q, k_buf, v_buf, layer, batch)
+    if path == "op":
+        expected = extend_attention_op(torch.bfloat16, 64)(
+            q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125
+        )
+    else:
+        expected = TorchNativeAttnBackend._sdpa_extend(q, k_buf, v_buf, layer, batch)
+    assert torch.equal(got, expected)
