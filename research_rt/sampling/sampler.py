@@ -94,9 +94,8 @@ def sample_rows(probs: torch.Tensor, generators: list[torch.Generator | None]) -
 
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Req], want_logprobs: bool) -> SampleResult:
-        logits = (
-            logits.float().clone()
-        )  # edited in place below; the model's output may be an inference tensor
+        # one float32 copy, edited in place below (the model's output may be an inference tensor)
+        logits = logits.to(torch.float32, copy=True)
         apply_logit_processors(logits, reqs)
         logits = apply_penalties(logits, reqs)
         grammar_rows = constrained_rows(reqs)
@@ -111,8 +110,9 @@ class Sampler:
                     logits[i, idx] = float("-inf")
                     if r.grammar is not None and not torch.isfinite(logits[i]).any():
                         logits[i, idx] = kept  # the grammar allows only a stop token: it wins
-        temps = torch.tensor([r.sampling.temperature for r in reqs], dtype=torch.float32)[:, None]
-        scaled = logits / temps
+        temps = [r.sampling.temperature for r in reqs]
+        # greedy requests have temperature 1 (SamplingParams.normalize): no pass over [B, vocab] for them
+        scaled = logits if all(t == 1.0 for t in temps) else logits / torch.tensor(temps)[:, None]
         logprobs = None
         if want_logprobs:
             logprobs = torch.log_softmax(scaled, dim=-1).clamp_(min=torch.finfo(torch.float32).min)
