@@ -71,7 +71,9 @@ def main() -> None:
         r["version"] = llama_cpp.__version__
         rows[f"llama.cpp {name}"] = r
         report(f"llama.cpp {name}", r)
-    save(args.json, rows)
+        # after each GGUF: a later one that kills the process (llama.cpp's Q4_1 code died of SIGILL
+        # on the 2026-12-06 Xeon VM) leaves the earlier rows for the table
+        save(args.json, rows)
 
 
 if __name__ == "__main__":
