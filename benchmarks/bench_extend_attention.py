@@ -58,8 +58,7 @@ def best_ms(f, reps: int = 5) -> float:
 
 
 def main() -> None:
-    op = extend_attention_op(torch.bfloat16, D)
-    if op is None:
+    if extend_attention_op(torch.bfloat16, D) is None:
         raise SystemExit("the C++ extend_attention op does not run on this build or CPU")
     rng = random.Random(0)
     cases = {
@@ -69,25 +68,32 @@ def main() -> None:
         "W3 suffixes: 32 x (1024 cached + 32)": ([1024] * 32, [32] * 32),
         "chunked: 512 after 1536 cached": ([1536], [512]),
     }
+    chosen = {1: "bf16 pairs", 2: "float32"}[torch.ops.research_rt.extend_attention_products()]
+    print(f"this CPU's products: {chosen}; ms (causal GFLOP/s)", flush=True)
     for name, (prefix, extend) in cases.items():
-        sdpa, ours, flops = time_both(op, batch(prefix, extend))
+        x = batch(prefix, extend)
+        sdpa, pairs, floats = (time_path(x, path) for path in ("sdpa", 1, 2))
+        flops = x["flops"]
         print(
-            f"{name:40s} SDPA {sdpa:7.2f} ms ({flops / sdpa / 1e6:5.0f} GFLOP/s)"
-            f"  op {ours:7.2f} ms ({flops / ours / 1e6:5.0f} GFLOP/s)  {sdpa / ours:4.1f}x"
+            f"{name:38s} SDPA {sdpa:6.2f} ({flops / sdpa / 1e6:3.0f})  op bf16 pairs {pairs:6.2f} ({flops / pairs / 1e6:3.0f})"
+            f"  op float32 {floats:6.2f} ({flops / floats / 1e6:3.0f})  best op {sdpa / min(pairs, floats):3.1f}x SDPA"
             f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend)) else 'SDPA'}",
             flush=True,
         )
 
 
-def time_both(op, x: dict) -> tuple[float, float, int]:
-    """Milliseconds of the SDPA path and of the op on one batch, and the batch's causal flops."""
+def time_path(x: dict, path) -> float:
+    """Milliseconds of the SDPA path ("sdpa") or of the op with products 1 (bf16 pairs) / 2 (float32)."""
     layer = SimpleNamespace(scaling=D**-0.5, num_heads=H, num_kv_heads=KVH, head_dim=D)
     meta: TorchNativeMetadata = x["meta"]
-    fwd = SimpleNamespace(attn_metadata=meta)
     q, k, v = x["q"], x["k"], x["v"]
-    sdpa = best_ms(lambda: TorchNativeAttnBackend._sdpa_extend(q, k, v, layer, fwd))
-    ours = best_ms(lambda: op(q, k, v, meta.kv_indices, meta.prefix_lens, meta.extend_lens, layer.scaling))
-    return sdpa, ours, x["flops"]
+    if path == "sdpa":
+        fwd = SimpleNamespace(attn_metadata=meta)
+        return best_ms(lambda: TorchNativeAttnBackend._sdpa_extend(q, k, v, layer, fwd))
+    op = torch.ops.research_rt.extend_attention
+    return best_ms(
+        lambda: op(q, k, v, meta.kv_indices, meta.prefix_lens, meta.extend_lens, layer.scaling, path)
+    )
 
 
 if __name__ == "__main__":

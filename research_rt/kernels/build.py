@@ -50,7 +50,7 @@ def _load() -> bool:
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
     @torch.library.register_fake("research_rt::extend_attention")
-    def _(q, k_buf, v_buf, kv_indices, prefix_lens, extend_lens, scale):
+    def _(q, k_buf, v_buf, kv_indices, prefix_lens, extend_lens, scale, products=0):
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
     @torch.library.register_fake("research_rt::gemv")

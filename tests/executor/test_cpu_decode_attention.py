@@ -14,7 +14,7 @@ import torch
 
 from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
-from research_rt.kernels import decode_attention_op
+from research_rt.kernels import decode_attention_op, decode_attention_vectorized
 
 op = decode_attention_op()
 pytestmark = pytest.mark.skipif(op is None, reason="the C++ extension did not build here")
@@ -92,8 +92,6 @@ def test_batches_take_the_op_where_it_is_vectorized(dtype):
     """Beyond batch 1 the backend calls the op where its AVX-512 path runs (eager, and in a graph
     whose batch dimension is dynamic, as the compiled batch-2+ decode step is), with the PyTorch
     path's result; elsewhere it keeps Inductor's fused decode."""
-    from research_rt.kernels import decode_attention_vectorized
-
     q, k_buf, v_buf, meta = make_case(6, 9, 3, 64, dtype, seed=3, pad_rows=2)
     backend = TorchNativeAttnBackend()
     calls = []
@@ -124,3 +122,43 @@ def test_batches_take_the_op_where_it_is_vectorized(dtype):
         torch._dynamo.mark_dynamic(t, 0, min=2, max=64)  # as graph_runner marks the batch-2+ graph
     torch.testing.assert_close(compiled(q, meta.kv_indices, meta.attn_mask).float(), ref, atol=tol, rtol=tol)
     assert len(calls) == (2 if decode_attention_vectorized(dtype, 64) else 0)  # traced into the graph
+
+
+def make_shared_case(bs, shared, pad_rows, seed):
+    """`bs` requests whose first `shared` keys sit in the same slots (a radix-cache hit), each with its
+    own tail of 1-60 keys, padded as the compiled step pads; bfloat16, SmolLM2's heads."""
+    g = torch.Generator().manual_seed(seed)
+    tails = torch.randint(1, 60, (bs,), generator=g).tolist()
+    slots = 1 + torch.randperm(shared + sum(tails) + 16, generator=g)
+    k_buf = torch.randn(len(slots) + 1, 3, 64, generator=g).bfloat16()
+    v_buf = torch.randn(len(slots) + 1, 3, 64, generator=g).bfloat16()
+    k_buf[0], v_buf[0] = 1e3, -1e3
+    rows = torch.zeros(bs, shared + max(tails), dtype=torch.int64)
+    start = shared
+    for b, n in enumerate(tails):
+        rows[b, :shared] = slots[:shared]
+        rows[b, shared : shared + n] = slots[start : start + n]
+        start += n
+    backend = TorchNativeAttnBackend()
+    meta = backend.build_metadata(ForwardMode.DECODE, [shared + n - 1 for n in tails], [1] * bs, rows)
+    meta = backend.pad_for_graph(meta, bs + pad_rows, -(-(shared + max(tails)) // 64) * 64)
+    q = torch.randn(bs + pad_rows, 9, 64, generator=g).bfloat16()
+    return q, k_buf, v_buf, meta
+
+
+@pytest.mark.skipif(not decode_attention_vectorized(torch.bfloat16, 64), reason="needs the AVX512-BF16 path")
+@pytest.mark.parametrize(
+    ("bs", "shared", "pad_rows"), [(4, 128, 0), (6, 300, 2), (32, 1024, 0), (40, 200, 8)]
+)
+def test_shared_prefix_matches_pytorch_path(bs, shared, pad_rows):
+    """Four or more requests that share 128+ leading slots take the op's shared-prefix pass (the prefix
+    once for the whole batch, then each request's own keys): same result as the PyTorch path within
+    bfloat16 tolerance, and padding rows still see only the dummy slot."""
+    q, k_buf, v_buf, meta = make_shared_case(bs, shared, pad_rows, seed=bs + shared)
+    out = op(q, k_buf, v_buf, meta.kv_indices, meta.attn_mask, 0.125)
+    torch.testing.assert_close(out.float(), reference(q, k_buf, v_buf, meta, 0.125), atol=2e-2, rtol=2e-2)
+    if pad_rows:
+        assert torch.all(out[bs:].float() == -1e3)
+    # a request alone (no shared pass) gets the same within bfloat16 rounding of its output
+    alone = op(q[:1], k_buf, v_buf, meta.kv_indices[:1], meta.attn_mask[:1], 0.125)
+    torch.testing.assert_close(out[:1].float(), alone.float(), atol=2e-2, rtol=2e-2)

@@ -198,9 +198,9 @@ class TorchNativeAttnBackend(AttentionBackend):
 def extend_op_wins(n_requests: int, n_tokens: int) -> bool:
     """Whether the extend op beats padded SDPA (benchmarks/bench_extend_attention.py, SmolLM2 layer,
     2 cores). It computes only the causal work, straight from the pool: 8 prompts of 32-512 tokens
-    2.3x, 32 suffixes of 32 after a 1024-token prefix 1.1x, one 37-token prompt 3.6x. One long
+    3.2x, 32 suffixes of 32 after a 1024-token prefix 1.3x, one 37-token prompt 3.5x. One long
     request is SDPA's best case (no padding; oneDNN's AMX kernels where the CPU has them): one
-    1024-token prompt 0.8x, 512 new after 1536 cached 0.5x (2026-12-06, Xeon with AMX)."""
+    1024-token prompt 1.0x, 512 new after 1536 cached 0.7x (2026-12-06, Xeon with AMX)."""
     return n_requests > 1 or n_tokens <= 256
 
 

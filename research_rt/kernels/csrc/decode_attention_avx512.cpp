@@ -7,8 +7,10 @@
 // each row is widened to float32 once and added into the G heads of its group, whose accumulators
 // stay in registers over the block. A work item is a request and all its KV heads (whole pool rows,
 // one stream for the prefetchers) when there are enough requests; per KV head otherwise. Measured
-// against Inductor's fused decode in benchmarks/RESULTS.md.
+// against Inductor's fused decode in benchmarks/RESULTS.md. In bfloat16, a prefix that four or more
+// requests share (the same slots) goes first, once for the batch (decode_shared_prefix).
 #include "decode_attention.h"
+#include "extend_attention_kernel.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -142,10 +144,12 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
+// `shared` keys (the first visible ones of every request) are done already when `state` is given:
+// each query head's running max, sum and accumulator start from state[(b * H + h) * (D + 2)].
 template <typename T>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
-                          at::Tensor& out) {
+                          at::Tensor& out, const float* state = nullptr, int64_t shared = 0) {
   const DecodeProblem<T> p(q, k_buf, v_buf, kv_indices, mask, out);
   const int64_t B = p.B, H = p.H, D = p.D, KVH = p.KVH, G = p.G, Lk = p.Lk;
   const int64_t slot_stride = p.slot_stride, head_stride = p.head_stride;
@@ -158,7 +162,8 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
   // A work item is one request and all its KV heads when there are enough requests to share out:
   // each key's K and V rows of every head (contiguous in the pool) are then read in one pass, a
   // stream the prefetchers follow. Items of one (request, KV head) read a third of each row with a
-  // stride between, and ran at 4.5 GB/s from DRAM against <N> for whole rows (RESULTS.md).
+  // stride between, and took twice as long as whole rows at batch 64 x 512 keys (5.3 vs 2.7 ms,
+  // RESULTS.md).
   // Few requests (batch 1) split by KV head to keep every thread busy.
   const int64_t heads_per_item = B >= 2 * at::get_num_threads() ? KVH : 1;
   const int64_t items_per_req = KVH / heads_per_item;
@@ -186,11 +191,19 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      for (int64_t t = 0; t < std::min(kPrefetchAhead, n_visible); ++t) {
+      // padding rows (first key in the dummy slot 0) took no part in the shared prefix
+      const int64_t start = state != nullptr && idx[b * Lk] != 0 ? shared : 0;
+      for (int64_t h = 0; start > 0 && h < HI; ++h) {
+        const float* st = state + (b * H + g0 * G + h) * (D + 2);
+        run_max[h] = st[0];
+        run_sum[h] = st[1];
+        std::copy(st + 2, st + 2 + D, acc.begin() + h * D);
+      }
+      for (int64_t t = start; t < std::min(start + kPrefetchAhead, n_visible); ++t) {
         prefetch_row(kh + slots[t] * slot_stride, span_bytes);
         prefetch_row(vh + slots[t] * slot_stride, span_bytes);
       }
-      for (int64_t j0 = 0; j0 < n_visible; j0 += kBlock) {
+      for (int64_t j0 = start; j0 < n_visible; j0 += kBlock) {
         const int64_t n = std::min(kBlock, n_visible - j0);
         const int64_t* blk = slots.data() + j0;
         for (int64_t t = j0 + kPrefetchAhead; t < std::min(j0 + kPrefetchAhead + n, n_visible); ++t) {
@@ -244,11 +257,63 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
 }
 }  // namespace
 
+#if defined(__AVX512BF16__)
+constexpr int64_t kSharedMinBatch = 4, kSharedMinKeys = 128;
+
+// How many leading keys every request sees in the same slots (a prefix the radix cache shares), 0
+// with fewer than kSharedMinBatch requests. Rows whose first key is the dummy slot 0 are the compiled
+// step's padding (no request's keys start there): they take no part.
+int64_t shared_prefix(const int64_t* idx, const bool* mask, int64_t B, int64_t Lk) {
+  std::vector<int64_t> rows;
+  for (int64_t b = 0; b < B; ++b)
+    if (idx[b * Lk] != 0) rows.push_back(b);
+  if (static_cast<int64_t>(rows.size()) < kSharedMinBatch) return 0;
+  const int64_t* first = idx + rows[0] * Lk;
+  int64_t n = 0;
+  for (; n < Lk; ++n)
+    for (const int64_t b : rows)
+      if (!mask[b * Lk + n] || idx[b * Lk + n] != first[n]) return n;
+  return n;
+}
+
+// A shared prefix, once for the whole batch: its keys and values are read once for the B x G query
+// rows of each KV head and multiplied as matrices (the extend op's kernel, rows in lanes), not once
+// per request as dot products; each request then goes on over its own keys from that state. One
+// layer of W3's batch, 32 requests after one 1024-token prefix: 0.58 ms against 1.46 ms (2.5x); 4
+// requests sharing 128 keys are about even (benchmarks/RESULTS.md, 2026-12-06).
+bool decode_shared_prefix(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
+                          const at::Tensor& kv_indices, const at::Tensor& mask, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
+  if (G > extend::kRows || !(D == 32 || D == 64 || D == 128)) return false;
+  const int64_t* idx = kv_indices.data_ptr<int64_t>();
+  const int64_t shared = shared_prefix(idx, mask.data_ptr<bool>(), B, Lk);
+  if (shared < kSharedMinKeys) return false;
+  int64_t lead = 0;  // a request (not padding): its row of kv_indices holds the shared slots first
+  while (idx[lead * Lk] == 0) ++lead;
+  std::vector<float> state(B * H * (D + 2));
+  // the batch as one "request" of B positions that see `shared` keys: its items (b = lead) read the
+  // slots in kv_indices[lead], and q_start[lead] = 0 puts position i on q's row i (request i)
+  std::vector<extend::Item> items;
+  extend::add_items(items, lead, B, shared, G, KVH, /*causal=*/false);
+  const std::vector<int64_t> q_start(lead + 1, 0), prefix(lead + 1, 0);
+  extend::Problem p{H, D, KVH, G, Lk, k_buf.stride(0), k_buf.stride(1),
+                    reinterpret_cast<const uint16_t*>(q.data_ptr()), reinterpret_cast<const uint16_t*>(k_buf.data_ptr()),
+                    reinterpret_cast<const uint16_t*>(v_buf.data_ptr()), idx, prefix.data(), q_start.data(),
+                    nullptr, static_cast<float>(scale), state.data()};
+  extend::run_items(p, items, /*products=*/0);
+  decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out, state.data(), shared);
+  return true;
+}
+#endif
+
 bool decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                              const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
                              at::Tensor& out) {
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (!(bf16 || q.scalar_type() == at::kFloat) || !fast_path_fits(q.size(2), bf16)) return false;
+#if defined(__AVX512BF16__)
+  if (bf16 && decode_shared_prefix(q, k_buf, v_buf, kv_indices, mask, scale, out)) return true;
+#endif
   if (bf16) decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out);
   else decode_kernel_avx512<float>(q, k_buf, v_buf, kv_indices, mask, scale, out);
   return true;

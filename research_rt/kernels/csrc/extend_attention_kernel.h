@@ -1,0 +1,342 @@
+// The inner loops of research_rt::extend_attention (extend_attention.cpp states the op): one work item,
+// one request x one KV head x up to 64 / G positions, whose G query heads x positions are the lanes
+// ("rows") of NR <= 4 vectors, so the online softmax is lane-wise. Keys go in blocks of 32; the two
+// products of each block come in two flavours (`Products`), picked per CPU by extend_attention.cpp:
+//   kPairs  VDPBF16PS on bfloat16 pairs: query pairs (packed once per item) times each key's pair
+//           broadcast from its pool row; probabilities rounded to bfloat16 pairs of keys (as flash
+//           attention rounds P for its second matmul) times value rows interleaved in pairs.
+//   kFloat  FMAs on float32: the block's keys and values widened once into scratch, queries and
+//           probabilities kept in float32. Twice VDPBF16PS's flop rate where it issues at a quarter of
+//           the FMA's rate (the Xeon of benchmarks/RESULTS.md); half of it where both issue alike.
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <ATen/ATen.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "vec_math.h"
+
+namespace research_rt {
+namespace extend {
+
+enum class Products { kPairs, kFloat };
+
+constexpr int kMaxRowVecs = 4;  // row vectors per item: up to 64 lanes of (position, query head)
+constexpr int kRows = 16 * kMaxRowVecs;
+constexpr int kKeys = 32;  // keys per online-softmax update
+constexpr int kScoreKeys = 4;  // keys whose scores are accumulated together
+
+// Request b's positions i0 .. i0 + n_pos - 1 (rows: positions x the G query heads of KV head h) over
+// the request's first n_keys keys; causal: position prefix[b] + i sees keys 0 .. prefix[b] + i.
+struct Item {
+  int64_t b, h, i0, n_pos, n_keys, cost;
+  int row_vecs;  // ceil(n_pos * G / 16)
+  bool causal;
+};
+
+struct Problem {
+  int64_t H, D, KVH, G, Lk, slot_stride, head_stride;
+  const uint16_t* q;  // bfloat16 bits
+  const uint16_t* k;
+  const uint16_t* v;
+  const int64_t* idx;
+  const int64_t* prefix;
+  const int64_t* q_start;
+  uint16_t* out;
+  float scale;
+  // null: each row's normalized output, rounded to bfloat16, into out[tok, head]; else its running
+  // max, sum and float32 accumulator into state[(tok * H + head) * (D + 2)] (a partial result that a
+  // later pass over more keys continues: decode_attention_avx512.cpp's shared prefix)
+  float* state = nullptr;
+};
+
+inline float bf16_to_float(uint16_t x) { return c10::BFloat16(x, c10::BFloat16::from_bits()); }
+
+// 16 bfloat16 values widened to float32
+inline __m512 widen16(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// kPairs: the lane of row r inside the interleaved probability pairs (VPUNPCK{L,H}WD of 256 bits).
+inline int prob_lane(int r) {
+  const int n = r / 16, l = r % 16;
+  const int slot = l < 4 ? l : l < 8 ? l + 4 : l < 12 ? l - 4 : l;
+  return n * 16 + slot;
+}
+
+// kPairs: index in a row's value accumulators of output column d: a pair of value rows interleaved
+// by VPUNPCK{L,H}WD keeps columns 8L..8L+3 (low) and 8L+4..8L+7 (high) of each 128-bit lane L.
+inline int value_col(int d) {
+  const int c = d / 32, rem = d % 32, lane = rem / 8, w = rem % 8;
+  return (2 * c + w / 4) * 16 + 4 * lane + w % 4;
+}
+
+template <int D>
+struct Scratch {
+  alignas(64) uint32_t qp[D / 2][kRows];  // kPairs: query pairs, lane = row
+  alignas(64) float qf[D][kRows];  // kFloat: queries, lane = row
+  alignas(64) float kf[kKeys][D];  // kFloat: the block's keys, widened
+  alignas(64) float vf[kKeys][D];  // kFloat: the block's values, widened
+  alignas(64) int32_t qpos[kRows];  // each row's position (INT_MAX: an unused lane sees every key)
+  alignas(64) float s[kKeys][kRows];  // scaled scores, then probabilities
+  alignas(64) uint32_t pp[kKeys / 2][kRows];  // kPairs: probability pairs (keys 2u, 2u+1), lane = prob_lane(row)
+  alignas(64) uint32_t vp[kKeys / 2][D];  // kPairs: value pairs, column order of value_col
+  alignas(64) float acc[kRows][D];  // output rows (kPairs: column order of value_col)
+  alignas(64) float m[kRows], l[kRows], alpha[kRows];
+  int col[D];  // value_col(d)
+
+  Scratch() {
+    for (int d = 0; d < D; ++d) col[d] = value_col(d);
+  }
+};
+
+// scores[t][row] = scale * q_row . k_t for the block's 32 keys
+template <int D, int NR, Products P>
+inline void block_scores(Scratch<D>& w, const uint16_t* const* krow, __m512 scale) {
+  for (int t0 = 0; t0 < kKeys; t0 += kScoreKeys) {
+    __m512 a[kScoreKeys][NR];
+    for (int j = 0; j < kScoreKeys; ++j)
+      for (int v = 0; v < NR; ++v) a[j][v] = _mm512_setzero_ps();
+    if constexpr (P == Products::kPairs) {
+      for (int x = 0; x < D / 2; ++x) {
+        __m512bh qv[NR];
+        for (int v = 0; v < NR; ++v) qv[v] = (__m512bh)_mm512_load_si512(&w.qp[x][16 * v]);
+        for (int j = 0; j < kScoreKeys; ++j) {
+          const __m512bh kb = (__m512bh)_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(krow[t0 + j] + 2 * x));
+          for (int v = 0; v < NR; ++v) a[j][v] = _mm512_dpbf16_ps(a[j][v], qv[v], kb);
+        }
+      }
+    } else {
+      for (int x = 0; x < D; ++x) {
+        __m512 qv[NR];
+        for (int v = 0; v < NR; ++v) qv[v] = _mm512_load_ps(&w.qf[x][16 * v]);
+        for (int j = 0; j < kScoreKeys; ++j) {
+          const __m512 kb = _mm512_set1_ps(w.kf[t0 + j][x]);
+          for (int v = 0; v < NR; ++v) a[j][v] = _mm512_fmadd_ps(qv[v], kb, a[j][v]);
+        }
+      }
+    }
+    for (int j = 0; j < kScoreKeys; ++j)
+      for (int v = 0; v < NR; ++v) _mm512_store_ps(&w.s[t0 + j][16 * v], _mm512_mul_ps(a[j][v], scale));
+  }
+}
+
+// acc[row] = alpha[row] * acc[row] + sum_t probs[t][row] * v_t
+template <int D, Products P>
+inline void block_values(Scratch<D>& w, int64_t rows) {
+  // a few rows' accumulators in registers over the block
+  constexpr int kCols = D / 16, kRowBlock = kCols >= 16 ? 1 : 16 / kCols;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+    __m512 a[kRowBlock][kCols];
+    for (int j = 0; j < kRowBlock; ++j) {
+      const __m512 al = _mm512_set1_ps(w.alpha[r0 + j]);
+      for (int c = 0; c < kCols; ++c) a[j][c] = _mm512_mul_ps(_mm512_load_ps(&w.acc[r0 + j][16 * c]), al);
+    }
+    if constexpr (P == Products::kPairs) {
+      int lane[kRowBlock];
+      for (int j = 0; j < kRowBlock; ++j) lane[j] = prob_lane(static_cast<int>(r0) + j);
+      for (int u = 0; u < kKeys / 2; ++u) {
+        __m512bh vv[kCols];
+        for (int c = 0; c < kCols; ++c) vv[c] = (__m512bh)_mm512_load_si512(&w.vp[u][16 * c]);
+        for (int j = 0; j < kRowBlock; ++j) {
+          const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(w.pp[u][lane[j]]));
+          for (int c = 0; c < kCols; ++c) a[j][c] = _mm512_dpbf16_ps(a[j][c], pb, vv[c]);
+        }
+      }
+    } else {
+      for (int t = 0; t < kKeys; ++t) {
+        __m512 vv[kCols];
+        for (int c = 0; c < kCols; ++c) vv[c] = _mm512_load_ps(&w.vf[t][16 * c]);
+        for (int j = 0; j < kRowBlock; ++j) {
+          const __m512 pb = _mm512_set1_ps(w.s[t][r0 + j]);
+          for (int c = 0; c < kCols; ++c) a[j][c] = _mm512_fmadd_ps(pb, vv[c], a[j][c]);
+        }
+      }
+    }
+    for (int j = 0; j < kRowBlock; ++j)
+      for (int c = 0; c < kCols; ++c) _mm512_store_ps(&w.acc[r0 + j][16 * c], a[j][c]);
+  }
+}
+
+// The block's keys (kFloat: widened) and values (kPairs: interleaved in pairs; kFloat: widened), and
+// the probabilities as bfloat16 pairs (kPairs)
+template <int D, int NR, Products P>
+inline void stage_block(Scratch<D>& w, const uint16_t* const* vrow) {
+  if constexpr (P == Products::kPairs) {
+    for (int u = 0; u < kKeys / 2; ++u) {
+      for (int v = 0; v < NR; ++v) {
+        const __m256i a = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&w.s[2 * u][16 * v]));
+        const __m256i b = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(&w.s[2 * u + 1][16 * v]));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&w.pp[u][16 * v]), _mm256_unpacklo_epi16(a, b));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(&w.pp[u][16 * v + 8]), _mm256_unpackhi_epi16(a, b));
+      }
+      for (int c = 0; c < D / 32; ++c) {
+        const __m512i a = _mm512_loadu_si512(vrow[2 * u] + 32 * c);
+        const __m512i b = _mm512_loadu_si512(vrow[2 * u + 1] + 32 * c);
+        _mm512_store_si512(&w.vp[u][32 * c], _mm512_unpacklo_epi16(a, b));
+        _mm512_store_si512(&w.vp[u][32 * c + 16], _mm512_unpackhi_epi16(a, b));
+      }
+    }
+  } else {
+    for (int t = 0; t < kKeys; ++t)
+      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.vf[t][16 * c], widen16(vrow[t] + 16 * c));
+  }
+}
+
+template <int D, int NR, Products P>
+void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
+  const int64_t G = p.G, rows = it.n_pos * G, prefix = p.prefix[it.b];
+  const int64_t n_keys = it.n_keys;
+  const int64_t* slots = p.idx + it.b * p.Lk;
+  const uint16_t* kh = p.k + it.h * p.head_stride;
+  const uint16_t* vh = p.v + it.h * p.head_stride;
+  for (int r = 0; r < 16 * NR; ++r) {
+    const bool live = r < rows;
+    const int64_t tok = p.q_start[it.b] + it.i0 + r / G;
+    const uint16_t* qr = live ? p.q + (tok * p.H + it.h * G + r % G) * D : nullptr;
+    if constexpr (P == Products::kPairs) {
+      for (int x = 0; x < D / 2; ++x) w.qp[x][r] = live ? reinterpret_cast<const uint32_t*>(qr)[x] : 0u;
+    } else {
+      for (int x = 0; x < D; ++x) w.qf[x][r] = live ? bf16_to_float(qr[x]) : 0.f;
+    }
+    // the last key each row sees (an unused lane: INT_MAX, it sees every key and is never read)
+    const int64_t last = it.causal ? prefix + it.i0 + r / G : it.n_keys - 1;
+    w.qpos[r] = live ? static_cast<int32_t>(last) : INT_MAX;
+    w.m[r] = -std::numeric_limits<float>::infinity();
+    w.l[r] = 0.f;
+  }
+  std::fill(&w.acc[0][0], &w.acc[0][0] + 16 * NR * D, 0.f);
+  const __m512 scale = _mm512_set1_ps(p.scale), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const int64_t first_pos = prefix + it.i0;
+
+  for (int64_t k0 = 0; k0 < n_keys; k0 += kKeys) {
+    const int64_t n = std::min<int64_t>(kKeys, n_keys - k0);
+    const uint16_t* krow[kKeys];
+    const uint16_t* vrow[kKeys];
+    for (int t = 0; t < kKeys; ++t) {  // past the last key: slot 0, the pool's zeroed dummy row (masked)
+      const int64_t slot = t < n ? slots[k0 + t] : 0;
+      krow[t] = kh + slot * p.slot_stride;
+      vrow[t] = vh + slot * p.slot_stride;
+      if constexpr (P == Products::kFloat)
+        for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.kf[t][16 * c], widen16(krow[t] + 16 * c));
+    }
+    block_scores<D, NR, P>(w, krow, scale);
+    // causal mask and keys past the last, where some row does not see the whole block
+    const bool diagonal = k0 + kKeys > n_keys || (it.causal && k0 + kKeys - 1 > first_pos);
+    if (diagonal) {
+      for (int t = 0; t < kKeys; ++t) {
+        const __m512i kpos = _mm512_set1_epi32(t < n ? static_cast<int32_t>(k0 + t) : INT_MAX);
+        for (int v = 0; v < NR; ++v) {
+          const __mmask16 seen = _mm512_cmple_epi32_mask(kpos, _mm512_load_si512(&w.qpos[16 * v]));
+          _mm512_store_ps(&w.s[t][16 * v], _mm512_mask_mov_ps(neg_inf, seen, _mm512_load_ps(&w.s[t][16 * v])));
+        }
+      }
+    }
+    // online softmax, lane-wise
+    for (int v = 0; v < NR; ++v) {
+      __m512 mx = _mm512_load_ps(&w.m[16 * v]);
+      const __m512 m_old = mx;
+      for (int t = 0; t < kKeys; ++t) mx = _mm512_max_ps(mx, _mm512_load_ps(&w.s[t][16 * v]));
+      __m512 sum = _mm512_setzero_ps();
+      for (int t = 0; t < kKeys; ++t) {
+        const __m512 sv = _mm512_load_ps(&w.s[t][16 * v]);
+        __m512 pr = exp16(_mm512_sub_ps(sv, mx));
+        if (diagonal) pr = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(sv, neg_inf, _CMP_NEQ_OQ), pr);
+        _mm512_store_ps(&w.s[t][16 * v], pr);
+        sum = _mm512_add_ps(sum, pr);
+      }
+      const __m512 alpha = exp16(_mm512_sub_ps(m_old, mx));  // ~0 on the first block (m_old = -inf)
+      _mm512_store_ps(&w.alpha[16 * v], alpha);
+      _mm512_store_ps(&w.l[16 * v], _mm512_fmadd_ps(_mm512_load_ps(&w.l[16 * v]), alpha, sum));
+      _mm512_store_ps(&w.m[16 * v], mx);
+    }
+    stage_block<D, NR, P>(w, vrow);
+    block_values<D, P>(w, rows);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t tok = p.q_start[it.b] + it.i0 + r / G, row = tok * p.H + it.h * G + r % G;
+    const auto col = [&](int d) { return P == Products::kPairs ? w.col[d] : d; };
+    if (p.state != nullptr) {
+      float* st = p.state + row * (D + 2);
+      st[0] = w.m[r];
+      st[1] = w.l[r];
+      for (int d = 0; d < D; ++d) st[2 + d] = w.acc[r][col(d)];
+      continue;
+    }
+    uint16_t* dst = p.out + row * D;
+    const float inv = 1.f / w.l[r];  // > 0: every row sees key 0
+    for (int d = 0; d < D; ++d) dst[d] = c10::BFloat16(w.acc[r][col(d)] * inv).x;
+  }
+}
+
+// The products for this CPU, by vendor (a fixed choice: the same machine always computes the same
+// bits). Intel's AVX512-BF16 cores issue VDPBF16PS at a quarter of the FMA's rate (0.86 vs 0.22 ns per
+// 512-bit instruction on the Xeon of benchmarks/RESULTS.md), so float32 FMAs do twice the flops.
+// Elsewhere (AMD) the bfloat16 pairs, which stage half the bytes per block; compare both on a new
+// CPU with benchmarks/bench_extend_attention.py.
+inline Products fastest_products() {
+  static const Products choice = __builtin_cpu_is("intel") ? Products::kFloat : Products::kPairs;
+  return choice;
+}
+
+// Runs `items` (sorted longest first) on ATen's threads, each taking the next item as it finishes.
+template <int D, Products P>
+void run_all(const Problem& p, const std::vector<Item>& items) {
+  std::atomic<size_t> next{0};
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::unique_ptr<Scratch<D>> w(new Scratch<D>);
+      for (size_t i = next++; i < items.size(); i = next++) {
+        switch (items[i].row_vecs) {
+          case 1: run_item<D, 1, P>(p, items[i], *w); break;
+          case 2: run_item<D, 2, P>(p, items[i], *w); break;
+          case 3: run_item<D, 3, P>(p, items[i], *w); break;
+          default: run_item<D, 4, P>(p, items[i], *w);
+        }
+      }
+    }
+  });
+}
+
+// `run_all` for head size D (32, 64 or 128) with `products` (0: fastest_products, 1 pairs, 2 float32)
+inline void run_items(const Problem& p, const std::vector<Item>& items, int64_t products) {
+  const Products P = products == 1 ? Products::kPairs : products == 2 ? Products::kFloat : fastest_products();
+  if (P == Products::kPairs) {
+    if (p.D == 32) run_all<32, Products::kPairs>(p, items);
+    else if (p.D == 64) run_all<64, Products::kPairs>(p, items);
+    else run_all<128, Products::kPairs>(p, items);
+  } else {
+    if (p.D == 32) run_all<32, Products::kFloat>(p, items);
+    else if (p.D == 64) run_all<64, Products::kFloat>(p, items);
+    else run_all<128, Products::kFloat>(p, items);
+  }
+}
+
+// Items of at most 64 rows for `n` consecutive positions of request b: as few as fit, of equal size
+// (32 positions x 3 heads: two items of 48 rows, not 63 + 33 in 128 lanes), for every KV head.
+inline void add_items(std::vector<Item>& items, int64_t b, int64_t n, int64_t n_keys_before, int64_t G, int64_t KVH,
+                      bool causal) {
+  const int64_t cap = kRows / G, n_items = (n + cap - 1) / cap;
+  const int64_t per_item = (n + n_items - 1) / std::max<int64_t>(n_items, 1);  // <= cap
+  for (int64_t i0 = 0; i0 < n; i0 += per_item)
+    for (int64_t h = 0; h < KVH; ++h) {
+      const int64_t n_pos = std::min(per_item, n - i0);
+      const int64_t n_keys = causal ? n_keys_before + i0 + n_pos : n_keys_before;
+      items.push_back({b, h, i0, n_pos, n_keys, n_keys * n_pos, static_cast<int>((n_pos * G + 15) / 16), causal});
+    }
+}
+
+}  // namespace extend
+}  // namespace research_rt
+#endif
