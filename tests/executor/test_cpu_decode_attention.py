@@ -124,41 +124,51 @@ def test_batches_take_the_op_where_it_is_vectorized(dtype):
     assert len(calls) == (2 if decode_attention_vectorized(dtype, 64) else 0)  # traced into the graph
 
 
-def make_shared_case(bs, shared, pad_rows, seed):
+def make_shared_case(bs, shared, pad_rows, seed, loners=0):
     """`bs` requests whose first `shared` keys sit in the same slots (a radix-cache hit), each with its
-    own tail of 1-60 keys, padded as the compiled step pads; bfloat16, SmolLM2's heads."""
+    own tail of 1-60 keys, then `loners` requests with a prefix of their own (prefilled beside the
+    first, before the cache held it), padded as the compiled step pads; bfloat16, SmolLM2's heads."""
     g = torch.Generator().manual_seed(seed)
-    tails = torch.randint(1, 60, (bs,), generator=g).tolist()
-    slots = 1 + torch.randperm(shared + sum(tails) + 16, generator=g)
+    tails = torch.randint(1, 60, (bs + loners,), generator=g).tolist()
+    slots = 1 + torch.randperm((1 + loners) * shared + sum(tails) + 16, generator=g)
     k_buf = torch.randn(len(slots) + 1, 3, 64, generator=g).bfloat16()
     v_buf = torch.randn(len(slots) + 1, 3, 64, generator=g).bfloat16()
     k_buf[0], v_buf[0] = 1e3, -1e3
-    rows = torch.zeros(bs, shared + max(tails), dtype=torch.int64)
+    rows = torch.zeros(bs + loners, shared + max(tails), dtype=torch.int64)
     start = shared
     for b, n in enumerate(tails):
-        rows[b, :shared] = slots[:shared]
+        if b < bs:
+            rows[b, :shared] = slots[:shared]
+        else:
+            rows[b, :shared] = slots[start : start + shared]
+            start += shared
         rows[b, shared : shared + n] = slots[start : start + n]
         start += n
+    order = torch.randperm(bs + loners, generator=g)  # loners anywhere in the batch
+    rows, tails = rows[order], [tails[i] for i in order.tolist()]
     backend = TorchNativeAttnBackend()
-    meta = backend.build_metadata(ForwardMode.DECODE, [shared + n - 1 for n in tails], [1] * bs, rows)
-    meta = backend.pad_for_graph(meta, bs + pad_rows, -(-(shared + max(tails)) // 64) * 64)
-    q = torch.randn(bs + pad_rows, 9, 64, generator=g).bfloat16()
+    meta = backend.build_metadata(ForwardMode.DECODE, [shared + n - 1 for n in tails], [1] * len(tails), rows)
+    meta = backend.pad_for_graph(meta, len(tails) + pad_rows, -(-(shared + max(tails)) // 64) * 64)
+    q = torch.randn(len(tails) + pad_rows, 9, 64, generator=g).bfloat16()
     return q, k_buf, v_buf, meta
 
 
 @pytest.mark.skipif(not decode_attention_vectorized(torch.bfloat16, 64), reason="needs the AVX512-BF16 path")
 @pytest.mark.parametrize(
-    ("bs", "shared", "pad_rows"), [(4, 128, 0), (6, 300, 2), (32, 1024, 0), (40, 200, 8)]
+    ("bs", "shared", "pad_rows", "loners"),
+    [(4, 128, 0, 0), (6, 300, 2, 0), (32, 1024, 0, 0), (40, 200, 8, 0), (6, 250, 2, 2), (3, 300, 0, 2)],
 )
-def test_shared_prefix_matches_pytorch_path(bs, shared, pad_rows):
+def test_shared_prefix_matches_pytorch_path(bs, shared, pad_rows, loners):
     """Four or more requests that share 128+ leading slots take the op's shared-prefix pass (the prefix
-    once for the whole batch, then each request's own keys): same result as the PyTorch path within
-    bfloat16 tolerance, and padding rows still see only the dummy slot."""
-    q, k_buf, v_buf, meta = make_shared_case(bs, shared, pad_rows, seed=bs + shared)
+    once for them, then each request's own keys); requests with a prefix of their own and padding rows
+    take the usual path. Same result as the PyTorch path within bfloat16 tolerance."""
+    q, k_buf, v_buf, meta = make_shared_case(bs, shared, pad_rows, seed=bs + shared, loners=loners)
     out = op(q, k_buf, v_buf, meta.kv_indices, meta.attn_mask, 0.125)
     torch.testing.assert_close(out.float(), reference(q, k_buf, v_buf, meta, 0.125), atol=2e-2, rtol=2e-2)
+    n = bs + loners
     if pad_rows:
-        assert torch.all(out[bs:].float() == -1e3)
-    # a request alone (no shared pass) gets the same within bfloat16 rounding of its output
-    alone = op(q[:1], k_buf, v_buf, meta.kv_indices[:1], meta.attn_mask[:1], 0.125)
-    torch.testing.assert_close(out[:1].float(), alone.float(), atol=2e-2, rtol=2e-2)
+        assert torch.all(out[n:].float() == -1e3)  # padding rows see only the dummy slot
+    # each request alone (no shared pass) gets the same within bfloat16 rounding of its output
+    for b in range(n):
+        alone = op(q[b : b + 1], k_buf, v_buf, meta.kv_indices[b : b + 1], meta.attn_mask[b : b + 1], 0.125)
+        torch.testing.assert_close(out[b : b + 1].float(), alone.float(), atol=2e-2, rtol=2e-2)

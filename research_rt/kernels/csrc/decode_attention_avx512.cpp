@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -144,12 +145,18 @@ inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
 }
 
-// `shared` keys (the first visible ones of every request) are done already when `state` is given:
-// each query head's running max, sum and accumulator start from state[(b * H + h) * (D + 2)].
+// Where a shared-prefix pass ran first: request b with row[b] >= 0 has its first `keys` visible keys
+// done, and its query head h's running max, sum and accumulator in state[(row[b] * H + h) * (D + 2)].
+struct PrefixState {
+  const float* state = nullptr;
+  const int64_t* row = nullptr;
+  int64_t keys = 0;
+};
+
 template <typename T>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
-                          at::Tensor& out, const float* state = nullptr, int64_t shared = 0) {
+                          at::Tensor& out, const PrefixState& done = {}) {
   const DecodeProblem<T> p(q, k_buf, v_buf, kv_indices, mask, out);
   const int64_t B = p.B, H = p.H, D = p.D, KVH = p.KVH, G = p.G, Lk = p.Lk;
   const int64_t slot_stride = p.slot_stride, head_stride = p.head_stride;
@@ -191,10 +198,9 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      // padding rows (first key in the dummy slot 0) took no part in the shared prefix
-      const int64_t start = state != nullptr && idx[b * Lk] != 0 ? shared : 0;
+      const int64_t start = done.state != nullptr && done.row[b] >= 0 ? done.keys : 0;
       for (int64_t h = 0; start > 0 && h < HI; ++h) {
-        const float* st = state + (b * H + g0 * G + h) * (D + 2);
+        const float* st = done.state + (done.row[b] * H + g0 * G + h) * (D + 2);
         run_max[h] = st[0];
         run_sum[h] = st[1];
         std::copy(st + 2, st + 2 + D, acc.begin() + h * D);
@@ -260,48 +266,64 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
 #if defined(__AVX512BF16__)
 constexpr int64_t kSharedMinBatch = 4, kSharedMinKeys = 128;
 
-// How many leading keys every request sees in the same slots (a prefix the radix cache shares), 0
-// with fewer than kSharedMinBatch requests. Rows whose first key is the dummy slot 0 are the compiled
-// step's padding (no request's keys start there): they take no part.
-int64_t shared_prefix(const int64_t* idx, const bool* mask, int64_t B, int64_t Lk) {
+// The requests that start in the batch's most common first slot (a prefix the radix cache shares)
+// and how many leading keys they all see in the same slots; no group below kSharedMinBatch requests.
+// Rows whose first key is the dummy slot 0 are the compiled step's padding: they take no part.
+struct SharedGroup {
   std::vector<int64_t> rows;
+  int64_t keys = 0;
+};
+
+SharedGroup shared_group(const int64_t* idx, const bool* mask, int64_t B, int64_t Lk) {
+  std::unordered_map<int64_t, int64_t> starts;
+  int64_t first = 0, count = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t slot = idx[b * Lk];
+    if (slot != 0 && ++starts[slot] > count) {
+      first = slot;
+      count = starts[slot];
+    }
+  }
+  SharedGroup g;
+  if (count < kSharedMinBatch) return g;
   for (int64_t b = 0; b < B; ++b)
-    if (idx[b * Lk] != 0) rows.push_back(b);
-  if (static_cast<int64_t>(rows.size()) < kSharedMinBatch) return 0;
-  const int64_t* first = idx + rows[0] * Lk;
-  int64_t n = 0;
-  for (; n < Lk; ++n)
-    for (const int64_t b : rows)
-      if (!mask[b * Lk + n] || idx[b * Lk + n] != first[n]) return n;
-  return n;
+    if (idx[b * Lk] == first) g.rows.push_back(b);
+  const int64_t* lead = idx + g.rows[0] * Lk;
+  for (; g.keys < Lk; ++g.keys)
+    for (const int64_t b : g.rows)
+      if (!mask[b * Lk + g.keys] || idx[b * Lk + g.keys] != lead[g.keys]) return g;
+  return g;
 }
 
-// A shared prefix, once for the whole batch: its keys and values are read once for the B x G query
-// rows of each KV head and multiplied as matrices (the extend op's kernel, rows in lanes), not once
-// per request as dot products; each request then goes on over its own keys from that state. One
-// layer of W3's batch, 32 requests after one 1024-token prefix: 0.58 ms against 1.46 ms (2.5x); 4
-// requests sharing 128 keys are about even (benchmarks/RESULTS.md, 2026-12-06).
+// A shared prefix, once for its requests: its keys and values are read once for their query rows of
+// each KV head and multiplied as matrices (the extend op's kernel, rows in lanes), not once per
+// request as dot products; each request then goes on over its own keys from that state. One layer
+// of W3's batch, 32 requests after one 1024-token prefix: 0.58 ms against 1.46 ms (2.5x); 4 requests
+// sharing 128 keys are about even (benchmarks/RESULTS.md, 2026-12-06).
 bool decode_shared_prefix(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
   if (G > extend::kRows || !(D == 32 || D == 64 || D == 128)) return false;
   const int64_t* idx = kv_indices.data_ptr<int64_t>();
-  const int64_t shared = shared_prefix(idx, mask.data_ptr<bool>(), B, Lk);
-  if (shared < kSharedMinKeys) return false;
-  int64_t lead = 0;  // a request (not padding): its row of kv_indices holds the shared slots first
-  while (idx[lead * Lk] == 0) ++lead;
-  std::vector<float> state(B * H * (D + 2));
-  // the batch as one "request" of B positions that see `shared` keys: its items (b = lead) read the
-  // slots in kv_indices[lead], and q_start[lead] = 0 puts position i on q's row i (request i)
+  const SharedGroup group = shared_group(idx, mask.data_ptr<bool>(), B, Lk);
+  if (group.keys < kSharedMinKeys) return false;
+  // the group's query rows side by side, as one "request" of n positions that see `keys` keys: its
+  // items (b = lead) read the slots in kv_indices[lead], q_start[lead] = 0 puts position i on row i
+  const int64_t n = static_cast<int64_t>(group.rows.size()), lead = group.rows[0];
+  at::Tensor q_group = q.index_select(0, at::tensor(group.rows, kv_indices.options()));
+  std::vector<float> state(n * H * (D + 2));
+  std::vector<int64_t> state_row(B, -1);
+  for (int64_t i = 0; i < n; ++i) state_row[group.rows[i]] = i;
   std::vector<extend::Item> items;
-  extend::add_items(items, lead, B, shared, G, KVH, /*causal=*/false);
+  extend::add_items(items, lead, n, group.keys, G, KVH, /*causal=*/false);
   const std::vector<int64_t> q_start(lead + 1, 0), prefix(lead + 1, 0);
   extend::Problem p{H, D, KVH, G, Lk, k_buf.stride(0), k_buf.stride(1),
-                    reinterpret_cast<const uint16_t*>(q.data_ptr()), reinterpret_cast<const uint16_t*>(k_buf.data_ptr()),
+                    reinterpret_cast<const uint16_t*>(q_group.data_ptr()), reinterpret_cast<const uint16_t*>(k_buf.data_ptr()),
                     reinterpret_cast<const uint16_t*>(v_buf.data_ptr()), idx, prefix.data(), q_start.data(),
                     nullptr, static_cast<float>(scale), state.data()};
   extend::run_items(p, items, /*products=*/0);
-  decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out, state.data(), shared);
+  decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out,
+                                     {state.data(), state_row.data(), group.keys});
   return true;
 }
 #endif
