@@ -2,10 +2,17 @@
 graphs call them; callers keep a pure-PyTorch path for when they are unavailable (build.py)."""
 
 from research_rt.kernels.build import (
+    argmax_op,
     decode_attention_op,
     decode_attention_vectorized,
     extend_attention_op,
     gemv_op,
 )
 
-__all__ = ["decode_attention_op", "decode_attention_vectorized", "extend_attention_op", "gemv_op"]
+__all__ = [
+    "argmax_op",
+    "decode_attention_op",
+    "decode_attention_vectorized",
+    "extend_attention_op",
+    "gemv_op",
+]

@@ -1,6 +1,6 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
+`argmax_op()`, `decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
 has been compiled and loaded, or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
@@ -53,6 +53,10 @@ def _load() -> bool:
     def _(q, k_buf, v_buf, kv_indices, prefix_lens, extend_lens, scale, products=0):
         return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
 
+    @torch.library.register_fake("research_rt::argmax_rows")
+    def _(x):
+        return x.new_empty(x.shape[0], dtype=torch.int64)
+
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -71,6 +75,11 @@ def _loaded() -> bool:
                 logger.warning("CPU kernels unavailable (%s); using the PyTorch paths", exc)
                 _state["ok"] = False
     return _state["ok"]
+
+
+def argmax_op():
+    """`research_rt::argmax_rows` (csrc/argmax.cpp): torch.argmax(x, -1) for [B, V] float32, or None."""
+    return torch.ops.research_rt.argmax_rows if _loaded() else None
 
 
 def decode_attention_op():
