@@ -1,7 +1,8 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`argmax_op()`, `decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return `torch.ops.research_rt.<name>` once the extension
-has been compiled and loaded, or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
+`argmax_op()`, `decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return
+`torch.ops.research_rt.<name>` once the extension has been compiled and loaded, or None: no compiler,
+a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
 capability (the code is built with -march=native), so later starts only load it (`make install`
@@ -97,6 +98,7 @@ def decode_attention_vectorized(dtype: torch.dtype, head_dim: int) -> bool:
     return width > 0 and head_dim % width == 0
 
 
+@functools.cache  # asked by every layer of every extend step
 def extend_attention_op(dtype: torch.dtype, head_dim: int):
     """`research_rt::extend_attention` (csrc/extend_attention.cpp) where this build runs it for the
     dtype and head size (bfloat16 on AVX512-BF16), or None: the caller runs SDPA."""
