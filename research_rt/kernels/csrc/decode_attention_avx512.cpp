@@ -303,7 +303,7 @@ SharedGroup shared_group(const int64_t* idx, const bool* mask, int64_t B, int64_
 bool decode_shared_prefix(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
-  if (G > extend::kRows || !(D == 32 || D == 64 || D == 128)) return false;
+  if (G > extend::kRows || !extend::head_dim_supported(D)) return false;
   const int64_t* idx = kv_indices.data_ptr<int64_t>();
   const SharedGroup group = shared_group(idx, mask.data_ptr<bool>(), B, Lk);
   if (group.keys < kSharedMinKeys) return false;

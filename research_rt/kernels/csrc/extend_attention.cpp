@@ -38,7 +38,7 @@ bool extend_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
                              const at::Tensor& idx, const at::Tensor& prefix, const at::Tensor& extend,
                              double scale, int64_t products, at::Tensor& out) {
   const int64_t D = q.size(2), H = q.size(1), KVH = k_buf.size(1), G = H / KVH;
-  if (q.scalar_type() != at::kBFloat16 || G > kRows || !(D == 32 || D == 64 || D == 128)) return false;
+  if (q.scalar_type() != at::kBFloat16 || G > kRows || !extend::head_dim_supported(D)) return false;
   const int64_t B = idx.size(0);
   std::vector<int64_t> q_start(B + 1, 0);
   const int64_t* pre = prefix.data_ptr<int64_t>();
@@ -77,7 +77,7 @@ int64_t extend_attention_products() {
 // Whether this build runs the op for this dtype and head size (else the caller uses SDPA).
 bool extend_attention_supported(bool bf16, int64_t head_dim) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  return bf16 && (head_dim == 32 || head_dim == 64 || head_dim == 128);
+  return bf16 && extend::head_dim_supported(head_dim);
 #else
   (void)bf16;
   (void)head_dim;

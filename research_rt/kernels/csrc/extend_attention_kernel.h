@@ -35,6 +35,9 @@ constexpr int kRows = 16 * kMaxRowVecs;
 constexpr int kKeys = 32;  // keys per online-softmax update
 constexpr int kScoreKeys = 4;  // keys whose scores are accumulated together
 
+// The head sizes run_items is instantiated for (`Scratch` and the loops take D at compile time)
+inline bool head_dim_supported(int64_t D) { return D == 32 || D == 64 || D == 128; }
+
 // Request b's positions i0 .. i0 + n_pos - 1 (rows: positions x the G query heads of KV head h) over
 // the request's first n_keys keys; causal: position prefix[b] + i sees keys 0 .. prefix[b] + i.
 struct Item {
