@@ -2,6 +2,7 @@
 graphs call them; callers keep a pure-PyTorch path for when they are unavailable (build.py)."""
 
 from research_rt.kernels.build import (
+    amx_linear_available,
     argmax_op,
     decode_attention_op,
     decode_attention_vectorized,
@@ -10,6 +11,7 @@ from research_rt.kernels.build import (
 )
 
 __all__ = [
+    "amx_linear_available",
     "argmax_op",
     "decode_attention_op",
     "decode_attention_vectorized",

@@ -58,6 +58,10 @@ def _load() -> bool:
     def _(x):
         return x.new_empty(x.shape[0], dtype=torch.int64)
 
+    @torch.library.register_fake("research_rt::amx_linear")
+    def _(x, w, bias):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
@@ -76,6 +80,13 @@ def _loaded() -> bool:
                 logger.warning("CPU kernels unavailable (%s); using the PyTorch paths", exc)
                 _state["ok"] = False
     return _state["ok"]
+
+
+@functools.cache
+def amx_linear_available() -> bool:
+    """Whether the gemv op's bfloat16 path runs on AMX tiles here (csrc/amx_linear.cpp): this build
+    has them and the kernel let the process use them. `research_rt::amx_linear` is that kernel."""
+    return _loaded() and torch.ops.research_rt.amx_linear_available()
 
 
 def argmax_op():

@@ -12,6 +12,13 @@
 // rows (two passes) oneDNN's GEMM wins and the op calls it. bfloat16 uses AVX512-BF16's pairwise dot
 // product (VDPBF16PS: 32 products per instruction, float32 accumulation); float32 uses AVX-512
 // FMAs; other CPUs use a plain loop for the vectorizer.
+//
+// On CPUs with AMX, bfloat16 up to kAmxMaxRows rows goes to the tile kernel instead (amx_linear.cpp).
+// SmolLM2-135M's 121 linears streamed from DRAM per step, Xeon VM, 2 threads, one process
+// (RESULTS.md, "AMX tiles for the decode linears"): 12.4 / 15.1 / 13.2 / 14.9 ms at 1 / 2 / 5 / 16 rows
+// against this loop's 15.7 / 17.8 / 25.0 / 52.0 ms (VDPBF16PS issues at a quarter of the FMA rate
+// there) and oneDNN's 20.7 / 21.0 / 21.2 / 21.9 ms; 64 rows 23.1 ms against oneDNN's 29.4. Each row's
+// bits stay the same at any row count, as with this loop.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "amx_linear.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -30,6 +39,9 @@ namespace {
 constexpr int64_t kGrain = 64;  // at least this many output rows per thread
 constexpr int64_t kMaxRows = 8;         // input rows per pass over the weight (16 accumulators in registers)
 constexpr int64_t kStreamMaxRows = 16;  // more rows go to at::linear (oneDNN's GEMM)
+// Where AMX runs bfloat16: up to 128 rows (with weights from DRAM the tile kernel and oneDNN were
+// even at 96-128 rows; past that oneDNN's blocking reaches twice the kernel's ~1 TFLOP/s).
+constexpr int64_t kAmxMaxRows = 128;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -148,6 +160,9 @@ void gemv_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w must have one dtype");
+  if (x.size(0) <= kAmxMaxRows && research_rt::amx_linear_supported(x, w)) {
+    return research_rt::amx_linear(x, w, bias.has_value() ? &*bias : nullptr);
+  }
   if (x.size(0) > kStreamMaxRows) return at::linear(x, w, bias);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor bc;

@@ -1,0 +1,231 @@
+// bfloat16 linear layers on Intel AMX tiles: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
+//
+// Batches past the gemv op's 16 rows went to oneDNN's GEMM, which reorders the weight into its
+// blocked layout on every call: on the Xeon VM of RESULTS.md the batch-64 decode linears ran at 8-10
+// GB/s of weights (DRAM gives 14.5). Weights reordered once ran 1.5x faster, but a packed copy must
+// follow every in-place edit of its weight. This kernel packs no weight. It computes the transposed
+// product C^T = W X^T: the weight, row-major as the checkpoint stores it, is the tile multiply's A
+// operand as is (a tile load takes 16 weight rows x 32 values with the row stride), and X^T is the B
+// operand, which TDPBF16PS wants as pairs along K. x is small next to w, so each call packs it once:
+// tile (kb, mt) of `xp` holds, for the 16 k-pairs of K block kb and the 16 rows of M tile mt, the
+// 32-bit pair (x[m, 2k], x[m, 2k + 1]) at [k][m].
+//
+// Tiles: 0-3 accumulate C^T for up to four M tiles (16 weight rows x 16 input rows, float32), 4 holds
+// the weight rows, 5-7 the packed input. Each output is the same chain of tile products over K, in
+// the same order, whatever M is and wherever its row sits, so a row's bits do not depend on its batch.
+// Threads split the weight's 16-row blocks; M runs in chunks of kChunkTiles tiles so a chunk of xp
+// stays in L2 while the weight streams past it (prefill); a decode batch is one chunk.
+#include "amx_linear.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define RESEARCH_RT_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace research_rt {
+
+#ifdef RESEARCH_RT_AMX
+namespace {
+
+constexpr int kArchGetXcompPerm = 0x1022;  // arch_prctl codes (linux/arch/x86/include/uapi/asm/prctl.h)
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+constexpr int64_t kChunkTiles = 16;  // M tiles per chunk: 256 rows, 768 KB of xp at K = 1536
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// `n_rows` weight rows in this block (16 but for the last block of N % 16 rows).
+void configure_tiles(int n_rows) {
+  TileConfig c;
+  for (int t = 0; t < 6; ++t) c.rows[t] = n_rows, c.colsb[t] = 64;  // C^T 0-3 and the weight rows
+  for (int t = 6; t < 8; ++t) c.rows[t] = 16, c.colsb[t] = 64;      // 16 k-pairs x 16 input rows
+  _tile_loadconfig(&c);
+}
+
+// xp tile (kb, mt) = 16 k-pairs x 16 rows of 32-bit pairs; rows past M are zeros.
+void pack_input(const uint32_t* x, int64_t M, int64_t K, int64_t MT, uint32_t* xp) {
+  const int64_t KB = K / 32, pairs = K / 2;
+  at::parallel_for(0, KB, 8, [&](int64_t kb0, int64_t kb1) {
+    for (int64_t kb = kb0; kb < kb1; ++kb) {
+      for (int64_t mt = 0; mt < MT; ++mt) {
+        uint32_t* tile = xp + (kb * MT + mt) * 256;
+        for (int64_t i = 0; i < 16; ++i) {
+          const int64_t m = mt * 16 + i;
+          if (m < M) {
+            const uint32_t* row = x + m * pairs + kb * 16;
+            for (int64_t k = 0; k < 16; ++k) tile[k * 16 + i] = row[k];
+          } else {
+            for (int64_t k = 0; k < 16; ++k) tile[k * 16 + i] = 0;
+          }
+        }
+      }
+    }
+  });
+}
+
+// C^T for G (1-4) M tiles from mt0, over all of K, stored to cbuf [G][16 n][16 m]. Tiles are not
+// renamed: the weight rows alternate between tiles 4 and 5 so the next K block's load overlaps this
+// block's products, and the input tiles between 6 and 7.
+// One K block: weight rows into tile A (a literal: GCC's tile intrinsics name registers by token).
+#define RESEARCH_RT_TILE_STEP(A, w, w_stride, b) \
+  do {                                            \
+    _tile_loadd(A, w, w_stride);                  \
+    _tile_loadd(6, b, 64);                        \
+    _tile_dpbf16ps(0, A, 6);                      \
+    if constexpr (G > 1) {                        \
+      _tile_loadd(7, (b) + 256, 64);              \
+      _tile_dpbf16ps(1, A, 7);                    \
+    }                                             \
+    if constexpr (G > 2) {                        \
+      _tile_loadd(6, (b) + 512, 64);              \
+      _tile_dpbf16ps(2, A, 6);                    \
+    }                                             \
+    if constexpr (G > 3) {                        \
+      _tile_loadd(7, (b) + 768, 64);              \
+      _tile_dpbf16ps(3, A, 7);                    \
+    }                                             \
+  } while (0)
+
+template <int G>
+void tile_block(const uint16_t* w, int64_t w_stride, const uint32_t* xp, int64_t MT, int64_t mt0,
+                int64_t KB, float* cbuf) {
+  _tile_zero(0);
+  if constexpr (G > 1) _tile_zero(1);
+  if constexpr (G > 2) _tile_zero(2);
+  if constexpr (G > 3) _tile_zero(3);
+  int64_t kb = 0;
+  for (; kb + 2 <= KB; kb += 2) {
+    // The next 16 weight rows are one contiguous run of 32 * KB cache lines: fetch 32 of them per
+    // pair of K blocks, so they arrive as one sequential stream while this block computes.
+    const char* next = reinterpret_cast<const char*>(w) + 16 * w_stride + kb * 1024;
+    for (int i = 0; i < 32; ++i) _mm_prefetch(next + i * 64, _MM_HINT_T0);
+    RESEARCH_RT_TILE_STEP(4, w + kb * 32, w_stride, xp + (kb * MT + mt0) * 256);
+    RESEARCH_RT_TILE_STEP(5, w + kb * 32 + 32, w_stride, xp + ((kb + 1) * MT + mt0) * 256);
+  }
+  if (kb < KB) RESEARCH_RT_TILE_STEP(4, w + kb * 32, w_stride, xp + (kb * MT + mt0) * 256);
+  _tile_stored(0, cbuf, 64);
+  if constexpr (G > 1) _tile_stored(1, cbuf + 256, 64);
+  if constexpr (G > 2) _tile_stored(2, cbuf + 512, 64);
+  if constexpr (G > 3) _tile_stored(3, cbuf + 768, 64);
+}
+
+// out[m, n0 + i] = cbuf[t][i][m % 16] + bias, for the rows m < M of the G tiles from mt0.
+void write_rows(const float* cbuf, int G, int64_t mt0, int64_t M, int64_t N, int64_t n0, int n_rows,
+                const float* bias, uint16_t* out) {
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192,
+                                           208, 224, 240);
+  const __mmask16 keep = n_rows == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_rows) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
+  for (int t = 0; t < G; ++t) {
+    for (int i = 0; i < 16; ++i) {
+      const int64_t m = (mt0 + t) * 16 + i;
+      if (m >= M) return;
+      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, cbuf + t * 256 + i, 4), b);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(out + m * N + n0, keep, h);
+    }
+  }
+}
+
+void run(const uint16_t* w, const uint32_t* xp, const float* bias, int64_t M, int64_t K, int64_t N,
+         int64_t MT, uint16_t* out) {
+  const int64_t KB = K / 32, NB = (N + 15) / 16;
+  at::parallel_for(0, NB, 1, [&](int64_t nb0, int64_t nb1) {
+    alignas(64) float cbuf[4 * 256];
+    int rows = 16;
+    configure_tiles(rows);
+    for (int64_t mc = 0; mc < MT; mc += kChunkTiles) {
+      const int64_t mc_end = std::min(MT, mc + kChunkTiles);
+      for (int64_t nb = nb0; nb < nb1; ++nb) {
+        const int n_rows = static_cast<int>(std::min<int64_t>(16, N - nb * 16));
+        if (n_rows != rows) configure_tiles(rows = n_rows);
+        const uint16_t* wb = w + nb * 16 * K;
+        for (int64_t mt0 = mc; mt0 < mc_end; mt0 += 4) {
+          const int G = static_cast<int>(std::min<int64_t>(4, mc_end - mt0));
+          switch (G) {
+            case 1: tile_block<1>(wb, K * 2, xp, MT, mt0, KB, cbuf); break;
+            case 2: tile_block<2>(wb, K * 2, xp, MT, mt0, KB, cbuf); break;
+            case 3: tile_block<3>(wb, K * 2, xp, MT, mt0, KB, cbuf); break;
+            default: tile_block<4>(wb, K * 2, xp, MT, mt0, KB, cbuf); break;
+          }
+          write_rows(cbuf, G, mt0, M, N, nb * 16, n_rows, bias, out);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace
+
+bool amx_available() {
+  static const bool granted = [] {
+    unsigned long features = 0;
+    if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &features) != 0) return false;
+    if (features & (1ul << kXfeatureXtiledata)) return true;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return granted;
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias) {
+  TORCH_CHECK(amx_linear_supported(x, w), "amx_linear: bfloat16 x [M, K], w [N, K], K % 32 == 0, AMX");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), MT = (M + 15) / 16;
+  TORCH_CHECK(!bias || bias->numel() == N, "amx_linear: bias of ", N, " values expected");
+  at::Tensor xp = at::empty({K / 32 * MT * 256}, x.options().dtype(at::kInt));
+  pack_input(reinterpret_cast<const uint32_t*>(xc.data_ptr()), M, K, MT,
+             reinterpret_cast<uint32_t*>(xp.data_ptr()));
+  at::Tensor b;
+  if (bias) b = bias->to(x.scalar_type()).to(at::kFloat).contiguous();  // as the gemv loop rounds it
+  at::Tensor out = at::empty({M, N}, x.options());
+  run(reinterpret_cast<const uint16_t*>(wc.data_ptr()), reinterpret_cast<const uint32_t*>(xp.data_ptr()),
+      bias ? b.data_ptr<float>() : nullptr, M, K, N, MT, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  return out;
+}
+
+#else  // no AMX in this build
+
+bool amx_available() { return false; }
+
+at::Tensor amx_linear(const at::Tensor&, const at::Tensor&, const at::Tensor*) {
+  TORCH_CHECK(false, "amx_linear: this build has no AMX");
+}
+
+#endif
+
+bool amx_linear_supported(const at::Tensor& x, const at::Tensor& w) {
+  return x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16 && x.dim() == 2 &&
+         w.dim() == 2 && x.size(1) == w.size(1) && x.size(1) % 32 == 0 && x.size(0) > 0 &&
+         x.device().is_cpu() && w.device().is_cpu() && amx_available();
+}
+
+}  // namespace research_rt
+
+namespace {
+at::Tensor amx_linear_op(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return research_rt::amx_linear(x, w, bias.has_value() ? &*bias : nullptr);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(research_rt, m) {
+  m.def("amx_linear(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("amx_linear_available() -> bool", &research_rt::amx_available);
+}
+
+TORCH_LIBRARY_IMPL(research_rt, CPU, m) { m.impl("amx_linear", &amx_linear_op); }
