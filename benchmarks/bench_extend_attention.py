@@ -21,7 +21,7 @@ from research_rt.executor.attention.torch_native import (
     TorchNativeMetadata,
     extend_op_wins,
 )
-from research_rt.kernels import extend_attention_op
+from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_tiles
 
 H, KVH, D = 9, 3, 64
 
@@ -68,22 +68,26 @@ def main() -> None:
         "W3 suffixes: 32 x (1024 cached + 32)": ([1024] * 32, [32] * 32),
         "chunked: 512 after 1536 cached": ([1536], [512]),
     }
-    chosen = {1: "bf16 pairs", 2: "float32"}[torch.ops.research_rt.extend_attention_products()]
+    names = {"sdpa": "SDPA", 1: "op bf16 pairs", 2: "op float32", 3: "op AMX tiles"}
+    chosen = names[torch.ops.research_rt.extend_attention_products()]
+    paths = ["sdpa", 1, 2] + ([3] if amx_linear_available() else [])
+    tiles = extend_attention_tiles()
     print(f"this CPU's products: {chosen}; ms (causal GFLOP/s)", flush=True)
     for name, (prefix, extend) in cases.items():
         x = batch(prefix, extend)
-        sdpa, pairs, floats = (time_path(x, path) for path in ("sdpa", 1, 2))
-        flops = x["flops"]
+        ms = {path: time_path(x, path) for path in paths}
+        cells = "  ".join(f"{names[p]} {t:6.2f} ({x['flops'] / t / 1e6:3.0f})" for p, t in ms.items())
+        best_op = min(t for p, t in ms.items() if p != "sdpa")
         print(
-            f"{name:38s} SDPA {sdpa:6.2f} ({flops / sdpa / 1e6:3.0f})  op bf16 pairs {pairs:6.2f} ({flops / pairs / 1e6:3.0f})"
-            f"  op float32 {floats:6.2f} ({flops / floats / 1e6:3.0f})  best op {sdpa / min(pairs, floats):3.1f}x SDPA"
-            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend)) else 'SDPA'}",
+            f"{name:38s} {cells}  best op {ms['sdpa'] / best_op:3.1f}x SDPA"
+            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend), sum(prefix), tiles) else 'SDPA'}",
             flush=True,
         )
 
 
 def time_path(x: dict, path) -> float:
-    """Milliseconds of the SDPA path ("sdpa") or of the op with products 1 (bf16 pairs) / 2 (float32)."""
+    """Milliseconds of the SDPA path ("sdpa") or of the op with products 1 (bf16 pairs) / 2 (float32) /
+    3 (AMX tiles)."""
     layer = SimpleNamespace(scaling=D**-0.5, num_heads=H, num_kv_heads=KVH, head_dim=D)
     meta: TorchNativeMetadata = x["meta"]
     q, k, v = x["q"], x["k"], x["v"]

@@ -7,6 +7,7 @@ from research_rt.kernels.build import (
     decode_attention_op,
     decode_attention_vectorized,
     extend_attention_op,
+    extend_attention_tiles,
     gemv_op,
 )
 
@@ -16,5 +17,6 @@ __all__ = [
     "decode_attention_op",
     "decode_attention_vectorized",
     "extend_attention_op",
+    "extend_attention_tiles",
     "gemv_op",
 ]

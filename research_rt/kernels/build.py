@@ -120,6 +120,12 @@ def extend_attention_op(dtype: torch.dtype, head_dim: int):
     return torch.ops.research_rt.extend_attention
 
 
+@functools.cache
+def extend_attention_tiles() -> bool:
+    """Whether `extend_attention` runs its AMX tile products here (csrc/extend_attention_kernel.h)."""
+    return _loaded() and torch.ops.research_rt.extend_attention_products() == 3
+
+
 def gemv_op():
     """`research_rt::gemv` (csrc/gemv.cpp), or None (module docstring)."""
     return torch.ops.research_rt.gemv if _loaded() else None

@@ -1,6 +1,7 @@
 """The C++ extend-attention op (research_rt/kernels/csrc/extend_attention.cpp) against attention in
-float32 on the same bfloat16 inputs, and against the backend's SDPA path, with both of its inner
-products (1: VDPBF16PS on bfloat16 pairs, 2: float32 FMAs; a CPU runs one of them by default).
+float32 on the same bfloat16 inputs, and against the backend's SDPA path, with each of its inner
+products (1: VDPBF16PS on bfloat16 pairs, 2: float32 FMAs, 3: AMX tiles for the scores where the CPU
+has them; a CPU runs one of them by default).
 
 Tolerance: 2e-2 absolute on outputs of magnitude up to ~3 (|q.k| scaled to O(1), values ~N(0, 1)).
 The op keeps scores, softmax and sums in float32; products 1 rounds the probabilities to bfloat16
@@ -19,11 +20,13 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardMode
 from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
-from research_rt.kernels import extend_attention_op
+from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_tiles
 
 pytestmark = pytest.mark.skipif(
     extend_attention_op(torch.bfloat16, 64) is None, reason="the op needs the C++ extension and AVX512-BF16"
 )
+TILES = pytest.param(3, marks=pytest.mark.skipif(not amx_linear_available(), reason="no AMX tiles here"))
+PRODUCTS = [1, 2, TILES]
 
 
 def make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed):
@@ -76,7 +79,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("products", [1, 2])
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("heads,kv_heads,d,prefix_lens,extend_lens", CASES)
 def test_matches_float32_attention(heads, kv_heads, d, prefix_lens, extend_lens, products):
     q, k_buf, v_buf, meta = make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed=d + sum(extend_lens))
@@ -99,7 +102,7 @@ def test_matches_the_sdpa_path(heads, kv_heads, d, prefix_lens, extend_lens):
     torch.testing.assert_close(out.float(), sdpa.float(), rtol=0, atol=2e-2)
 
 
-@pytest.mark.parametrize("products", [1, 2])
+@pytest.mark.parametrize("products", PRODUCTS)
 def test_each_request_gets_what_it_gets_alone(products):
     """Requests share work items only with themselves: a request's rows are bit-identical whether it
     runs alone or beside others (greedy output does not depend on batch composition)."""
@@ -123,14 +126,20 @@ def test_each_request_gets_what_it_gets_alone(products):
         start += e
 
 
-def test_default_products_are_one_of_the_two():
-    """products=0 runs this CPU's choice (Intel: float32, else bfloat16 pairs), bit for bit."""
+def test_default_products_are_this_cpus_choice():
+    """products=0 runs this CPU's choice (AMX: tiles, other Intel: float32, else bfloat16 pairs), bit
+    for bit."""
     chosen = torch.ops.research_rt.extend_attention_products()
-    assert chosen in (1, 2)
+    assert chosen == (3 if amx_linear_available() else 2 if "GenuineIntel" in _cpu_vendor() else 1)
     q, k_buf, v_buf, meta = make_case(9, 3, 64, [0, 40], [50, 20], seed=4)
     op = extend_attention_op(torch.bfloat16, 64)
     args = (q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125)
     assert torch.equal(op(*args), op(*args, chosen))
+
+
+def _cpu_vendor() -> str:
+    with open("/proc/cpuinfo") as f:
+        return next((line for line in f if line.startswith("vendor_id")), "")
 
 
 def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
@@ -140,10 +149,17 @@ def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
 
 @pytest.mark.parametrize(
     "prefix_lens,extend_lens,path",
-    [([0, 5], [40, 300], "op"), ([0], [37], "op"), ([0], [300], "sdpa"), ([1024], [32], "op")],
+    [
+        ([0, 5], [40, 300], "op"),
+        ([0], [37], "op"),
+        ([0], [300], "op" if extend_attention_tiles() else "sdpa"),
+        ([1024], [300], "sdpa"),
+        ([1024], [32], "op"),
+    ],
 )
 def test_backend_takes_the_op_where_it_wins(prefix_lens, extend_lens, path):
-    """Several requests or one short prompt: the op; one long prompt: SDPA (extend_op_wins)."""
+    """Several requests or one short prompt: the op; one long prompt: SDPA, but with AMX tiles the op
+    unless it has more keys cached than new tokens (extend_op_wins)."""
     q, k_buf, v_buf, meta = make_case(9, 3, 64, prefix_lens, extend_lens, seed=5)
     layer = SimpleNamespace(scaling=0.125, num_heads=9, num_kv_heads=3, head_dim=64)
     batch = SimpleNamespace(attn_metadata=meta)

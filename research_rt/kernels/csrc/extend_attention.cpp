@@ -11,7 +11,8 @@
 // A work item is one request, one KV head and up to 64 / G consecutive positions (its G query heads
 // x positions are the lanes of up to four vectors; extend_attention_kernel.h), the causal mask applies
 // on diagonal blocks only, and threads take the longest items first. `products` picks the inner
-// products: 0 this CPU's (fastest_products), 1 VDPBF16PS on bfloat16 pairs, 2 float32 FMAs.
+// products: 0 this CPU's (fastest_products), 1 VDPBF16PS on bfloat16 pairs, 2 float32 FMAs, 3 AMX
+// tiles for the scores (where the CPU has them).
 // Output is rounded to bfloat16 once. Any other dtype, head size or CPU: the op reports false and
 // the caller runs scaled_dot_product_attention (research_rt/executor/attention/torch_native.py).
 #include <ATen/ATen.h>
@@ -65,16 +66,27 @@ bool extend_attention_avx512(const at::Tensor&, const at::Tensor&, const at::Ten
 }
 #endif
 
-// The products `products=0` runs on this CPU: 1 bfloat16 pairs, 2 float32 (0: the op does not run here).
+// The products `products=0` runs on this CPU: 1 bfloat16 pairs, 2 float32, 3 tiles (0: the op does not
+// run here).
 int64_t extend_attention_products() {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-  return extend::fastest_products() == Products::kPairs ? 1 : 2;
+  const Products p = extend::fastest_products();
+  return p == Products::kPairs ? 1 : p == Products::kFloat ? 2 : 3;
 #else
   return 0;
 #endif
 }
 
 // Whether this build runs the op for this dtype and head size (else the caller uses SDPA).
+// Whether products=3 (AMX tiles) runs here
+bool extend_attention_tiles() {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  return extend::tiles_supported();
+#else
+  return false;
+#endif
+}
+
 bool extend_attention_supported(bool bf16, int64_t head_dim) {
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
   return bf16 && extend::head_dim_supported(head_dim);
@@ -103,7 +115,9 @@ at::Tensor extend_attention(const at::Tensor& q, const at::Tensor& k_buf, const 
   auto out = at::empty({q.size(0), q.size(1) * q.size(2)}, q.options());
   const auto qc = q.contiguous(), idx = kv_indices.contiguous();
   const auto pre = prefix_lens.contiguous(), ext = extend_lens.contiguous();
-  TORCH_CHECK(products >= 0 && products <= 2, "products must be 0 (auto), 1 (bfloat16 pairs) or 2 (float32)");
+  TORCH_CHECK(products >= 0 && products <= 3,
+              "products must be 0 (auto), 1 (bfloat16 pairs), 2 (float32) or 3 (AMX tiles)");
+  TORCH_CHECK(products != 3 || extend_attention_tiles(), "products=3: no AMX tiles on this CPU or build");
   TORCH_CHECK(extend_attention_avx512(qc, k_buf, v_buf, idx, pre, ext, scale, products, out),
               "extend_attention: unsupported");
   return out;

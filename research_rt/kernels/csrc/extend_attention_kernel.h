@@ -8,6 +8,9 @@
 //   kFloat  FMAs on float32: the block's keys and values widened once into scratch, queries and
 //           probabilities kept in float32. Twice VDPBF16PS's flop rate where it issues at a quarter of
 //           the FMA's rate (the Xeon of benchmarks/RESULTS.md); half of it where both issue alike.
+//   kTiles  AMX: the scores as tile products, transposed (S^T = K Q^T: the block's key rows, copied
+//           contiguous, are the A operand; the query pairs of kPairs are B; S^T lands in `s`'s
+//           [key][row] layout); the values as kFloat. Where the CPU has AMX.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -18,17 +21,23 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstring>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <vector>
 
+#include "amx_linear.h"
 #include "vec_math.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define RESEARCH_RT_EXTEND_TILES 1
+#endif
 
 namespace research_rt {
 namespace extend {
 
-enum class Products { kPairs, kFloat };
+enum class Products { kPairs, kFloat, kTiles };
 
 constexpr int kMaxRowVecs = 4;  // row vectors per item: up to 64 lanes of (position, query head)
 constexpr int kRows = 16 * kMaxRowVecs;
@@ -86,7 +95,8 @@ inline int value_col(int d) {
 
 template <int D>
 struct Scratch {
-  alignas(64) uint32_t qp[D / 2][kRows];  // kPairs: query pairs, lane = row
+  alignas(64) uint32_t qp[D / 2][kRows];  // kPairs, kTiles: query pairs, lane = row
+  alignas(64) uint16_t kb[kKeys][D];  // kTiles: the block's keys, contiguous
   alignas(64) float qf[D][kRows];  // kFloat: queries, lane = row
   alignas(64) float kf[kKeys][D];  // kFloat: the block's keys, widened
   alignas(64) float vf[kKeys][D];  // kFloat: the block's values, widened
@@ -103,9 +113,63 @@ struct Scratch {
   }
 };
 
+#ifdef RESEARCH_RT_EXTEND_TILES
+// Tiles (configure_score_tiles): 0-3 S^T for row vectors 0-3 (16 keys x 16 rows, float32), 4 the
+// keys (16 keys x 32 head dims), 5 and 6 the query pairs (16 dim pairs x 16 rows), alternating.
+inline void configure_score_tiles() {
+  struct alignas(64) {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64};
+    uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16};
+  } config;
+  _tile_loadconfig(&config);
+}
+
+// s[t][row] = q_row . k_t (unscaled) for the block's keys, by tiles
+template <int D, int NR>
+inline void tile_scores(Scratch<D>& w) {
+  constexpr int64_t kQStride = kRows * 4;  // bytes between dim pairs in qp
+  for (int kt = 0; kt < kKeys / 16; ++kt) {
+    _tile_zero(0);
+    if constexpr (NR > 1) _tile_zero(1);
+    if constexpr (NR > 2) _tile_zero(2);
+    if constexpr (NR > 3) _tile_zero(3);
+    for (int db = 0; db < D / 32; ++db) {
+      _tile_loadd(4, &w.kb[16 * kt][32 * db], D * 2);
+      _tile_loadd(5, &w.qp[16 * db][0], kQStride);
+      _tile_dpbf16ps(0, 4, 5);
+      if constexpr (NR > 1) {
+        _tile_loadd(6, &w.qp[16 * db][16], kQStride);
+        _tile_dpbf16ps(1, 4, 6);
+      }
+      if constexpr (NR > 2) {
+        _tile_loadd(5, &w.qp[16 * db][32], kQStride);
+        _tile_dpbf16ps(2, 4, 5);
+      }
+      if constexpr (NR > 3) {
+        _tile_loadd(6, &w.qp[16 * db][48], kQStride);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+    }
+    _tile_stored(0, &w.s[16 * kt][0], kRows * 4);
+    if constexpr (NR > 1) _tile_stored(1, &w.s[16 * kt][16], kRows * 4);
+    if constexpr (NR > 2) _tile_stored(2, &w.s[16 * kt][32], kRows * 4);
+    if constexpr (NR > 3) _tile_stored(3, &w.s[16 * kt][48], kRows * 4);
+  }
+}
+#endif
+
 // scores[t][row] = scale * q_row . k_t for the block's 32 keys
 template <int D, int NR, Products P>
 inline void block_scores(Scratch<D>& w, const uint16_t* const* krow, __m512 scale) {
+  if constexpr (P == Products::kTiles) {
+#ifdef RESEARCH_RT_EXTEND_TILES
+    tile_scores<D, NR>(w);
+#endif
+    for (int t = 0; t < kKeys; ++t)
+      for (int v = 0; v < NR; ++v) _mm512_store_ps(&w.s[t][16 * v], _mm512_mul_ps(_mm512_load_ps(&w.s[t][16 * v]), scale));
+    return;
+  }
   for (int t0 = 0; t0 < kKeys; t0 += kScoreKeys) {
     __m512 a[kScoreKeys][NR];
     for (int j = 0; j < kScoreKeys; ++j)
@@ -207,7 +271,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
     const bool live = r < rows;
     const int64_t tok = p.q_start[it.b] + it.i0 + r / G;
     const uint16_t* qr = live ? p.q + (tok * p.H + it.h * G + r % G) * D : nullptr;
-    if constexpr (P == Products::kPairs) {
+    if constexpr (P != Products::kFloat) {
       for (int x = 0; x < D / 2; ++x) w.qp[x][r] = live ? reinterpret_cast<const uint32_t*>(qr)[x] : 0u;
     } else {
       for (int x = 0; x < D; ++x) w.qf[x][r] = live ? bf16_to_float(qr[x]) : 0.f;
@@ -232,6 +296,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
       vrow[t] = vh + slot * p.slot_stride;
       if constexpr (P == Products::kFloat)
         for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.kf[t][16 * c], widen16(krow[t] + 16 * c));
+      if constexpr (P == Products::kTiles) std::memcpy(w.kb[t], krow[t], D * 2);
     }
     block_scores<D, NR, P>(w, krow, scale);
     // causal mask and keys past the last, where some row does not see the whole block
@@ -282,13 +347,29 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
   }
 }
 
+// Whether this build and CPU run the kTiles products.
+inline bool tiles_supported() {
+#ifdef RESEARCH_RT_EXTEND_TILES
+  return amx_available();
+#else
+  return false;
+#endif
+}
+
 // The products for this CPU, by vendor (a fixed choice: the same machine always computes the same
 // bits). Intel's AVX512-BF16 cores issue VDPBF16PS at a quarter of the FMA's rate (0.86 vs 0.22 ns per
 // 512-bit instruction on the Xeon of benchmarks/RESULTS.md), so float32 FMAs do twice the flops.
 // Elsewhere (AMD) the bfloat16 pairs, which stage half the bytes per block; compare both on a new
-// CPU with benchmarks/bench_extend_attention.py.
+// CPU with benchmarks/bench_extend_attention.py. Where AMX runs, tiles (the flavour's own products
+// are the same bits on every AMX CPU).
 inline Products fastest_products() {
+#ifdef RESEARCH_RT_EXTEND_TILES
+  static const Products choice = amx_available()            ? Products::kTiles
+                                 : __builtin_cpu_is("intel") ? Products::kFloat
+                                                             : Products::kPairs;
+#else
   static const Products choice = __builtin_cpu_is("intel") ? Products::kFloat : Products::kPairs;
+#endif
   return choice;
 }
 
@@ -299,6 +380,9 @@ void run_all(const Problem& p, const std::vector<Item>& items) {
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
+#ifdef RESEARCH_RT_EXTEND_TILES
+      if constexpr (P == Products::kTiles) configure_score_tiles();
+#endif
       std::unique_ptr<Scratch<D>> w(new Scratch<D>);
       for (size_t i = next++; i < items.size(); i = next++) {
         switch (items[i].row_vecs) {
@@ -309,13 +393,24 @@ void run_all(const Problem& p, const std::vector<Item>& items) {
         }
       }
     }
+#ifdef RESEARCH_RT_EXTEND_TILES
+    if constexpr (P == Products::kTiles) _tile_release();
+#endif
   });
 }
 
-// `run_all` for head size D (32, 64 or 128) with `products` (0: fastest_products, 1 pairs, 2 float32)
+// `run_all` for head size D (32, 64 or 128) with `products` (0: fastest_products, 1 pairs, 2 float32,
+// 3 tiles: where tiles_supported())
 inline void run_items(const Problem& p, const std::vector<Item>& items, int64_t products) {
-  const Products P = products == 1 ? Products::kPairs : products == 2 ? Products::kFloat : fastest_products();
-  if (P == Products::kPairs) {
+  const Products P = products == 1   ? Products::kPairs
+                     : products == 2 ? Products::kFloat
+                     : products == 3 ? Products::kTiles
+                                     : fastest_products();
+  if (P == Products::kTiles) {
+    if (p.D == 32) run_all<32, Products::kTiles>(p, items);
+    else if (p.D == 64) run_all<64, Products::kTiles>(p, items);
+    else run_all<128, Products::kTiles>(p, items);
+  } else if (P == Products::kPairs) {
     if (p.D == 32) run_all<32, Products::kPairs>(p, items);
     else if (p.D == 64) run_all<64, Products::kPairs>(p, items);
     else run_all<128, Products::kPairs>(p, items);
