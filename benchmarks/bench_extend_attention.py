@@ -80,7 +80,7 @@ def main() -> None:
         best_op = min(t for p, t in ms.items() if p != "sdpa")
         print(
             f"{name:38s} {cells}  best op {ms['sdpa'] / best_op:3.1f}x SDPA"
-            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend), sum(prefix), tiles) else 'SDPA'}",
+            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend), tiles) else 'SDPA'}",
             flush=True,
         )
 

@@ -146,7 +146,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         where `extend_op_wins`, else SDPA."""
         meta = batch.attn_metadata
         op = extend_attention_op(q.dtype, layer.head_dim) if q.device.type == "cpu" else None
-        if op is not None and q.dtype == k_buf.dtype and _op_wins(meta, q.shape[0]):
+        if (
+            op is not None
+            and q.dtype == k_buf.dtype
+            and extend_op_wins(meta.extend_lens.numel(), q.shape[0], extend_attention_tiles())
+        ):
             return op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, layer.scaling)
         return TorchNativeAttnBackend._sdpa_extend(q, k_buf, v_buf, layer, batch)
 
@@ -200,25 +204,15 @@ class TorchNativeAttnBackend(AttentionBackend):
         return out.reshape(bs, layer.num_heads * d)
 
 
-def _op_wins(meta: TorchNativeMetadata, n_tokens: int) -> bool:
-    n_requests = meta.extend_lens.numel()
-    one = n_requests == 1 and meta.prefix_lens is not None
-    n_cached = int(meta.prefix_lens[0]) if one else 0  # asked only for one request
-    return extend_op_wins(n_requests, n_tokens, n_cached, extend_attention_tiles())
-
-
-def extend_op_wins(n_requests: int, n_tokens: int, n_cached: int, tiles: bool) -> bool:
+def extend_op_wins(n_requests: int, n_tokens: int, tiles: bool) -> bool:
     """Whether the extend op beats padded SDPA (benchmarks/bench_extend_attention.py, SmolLM2 layer,
     2 cores). It computes only the causal work, straight from the pool: 8 prompts of 32-512 tokens
     3.2x, 32 suffixes of 32 after a 1024-token prefix 1.3x, one 37-token prompt 3.5x. One long
-    request (`n_cached` keys before its `n_tokens`) is SDPA's best case (no padding; oneDNN's AMX
-    kernels where the CPU has them): with float32 products one 1024-token prompt 1.0x, 512 new after
-    1536 cached 0.7x. With the AMX tile products (`tiles`) one prompt of 256-2048 tokens 1.6-1.9x, 512
-    new after 512 cached 1.1x, after 1024-2048 cached 0.95x, after 3584 0.84x (2026-12-06, Xeon with
-    AMX, benchmarks/bench_extend_rule.py): the op while no more keys are cached than come new."""
-    if n_requests > 1 or n_tokens <= 256:
-        return True
-    return tiles and n_cached <= n_tokens
+    request is SDPA's best case (no padding; oneDNN's AMX kernels where the CPU has them): with float32
+    products one 1024-token prompt 1.0x, 512 new after 1536 cached 0.7x. With the AMX tile products
+    (`tiles`) the op wins everywhere measured: one prompt of 256-2048 tokens 2.2-2.7x, 512 new after
+    512-3584 cached 1.2-1.6x (2026-12-06, Xeon with AMX, benchmarks/bench_extend_rule.py)."""
+    return tiles or n_requests > 1 or n_tokens <= 256
 
 
 @torch.compiler.assume_constant_result  # a constant of the build and the CPU: no lookup in the graph

@@ -8,9 +8,11 @@
 //   kFloat  FMAs on float32: the block's keys and values widened once into scratch, queries and
 //           probabilities kept in float32. Twice VDPBF16PS's flop rate where it issues at a quarter of
 //           the FMA's rate (the Xeon of benchmarks/RESULTS.md); half of it where both issue alike.
-//   kTiles  AMX: the scores as tile products, transposed (S^T = K Q^T: the block's key rows, copied
-//           contiguous, are the A operand; the query pairs of kPairs are B; S^T lands in `s`'s
-//           [key][row] layout); the values as kFloat. Where the CPU has AMX.
+//   kTiles  AMX tiles. The scores transposed, S^T = K Q^T: the block's key rows, copied contiguous,
+//           are the A operand, the query pairs of kPairs are B, and S^T lands in `s`'s [key][row]
+//           layout. The values acc += P V: P rounded to bfloat16 as kPairs does, transposed to
+//           row-major (the A operand), and the value rows interleaved in pairs (B). Where the CPU
+//           has AMX.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -97,6 +99,8 @@ template <int D>
 struct Scratch {
   alignas(64) uint32_t qp[D / 2][kRows];  // kPairs, kTiles: query pairs, lane = row
   alignas(64) uint16_t kb[kKeys][D];  // kTiles: the block's keys, contiguous
+  alignas(64) uint16_t prow[kRows][kKeys];  // kTiles: probabilities, row-major bfloat16
+  alignas(64) uint32_t vpair[kKeys / 2][D];  // kTiles: value pairs (keys 2u, 2u+1) per column
   alignas(64) float qf[D][kRows];  // kFloat: queries, lane = row
   alignas(64) float kf[kKeys][D];  // kFloat: the block's keys, widened
   alignas(64) float vf[kKeys][D];  // kFloat: the block's values, widened
@@ -155,6 +159,80 @@ inline void tile_scores(Scratch<D>& w) {
     if constexpr (NR > 1) _tile_stored(1, &w.s[16 * kt][16], kRows * 4);
     if constexpr (NR > 2) _tile_stored(2, &w.s[16 * kt][32], kRows * 4);
     if constexpr (NR > 3) _tile_stored(3, &w.s[16 * kt][48], kRows * 4);
+  }
+}
+
+// a[j][i] <- a[i][j] for 16 x 16 32-bit values in 16 registers: pairs of rows, then quads, then
+// 128-bit lanes across row quads (column 4L + k ends in register 4L + k).
+inline void transpose16(__m512i a[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + k]: column 4L + k of rows 4i .. 4i + 3, in each lane L
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), w1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), w3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    a[k] = _mm512_shuffle_i32x4(w0, w2, 0x88);
+    a[4 + k] = _mm512_shuffle_i32x4(w1, w3, 0x88);
+    a[8 + k] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
+    a[12 + k] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
+  }
+}
+
+// prow: each row's 32 probabilities as bfloat16, row-major; vpair: value rows 2u, 2u+1 interleaved
+template <int D, int NR>
+inline void tile_stage(Scratch<D>& w, const uint16_t* const* vrow) {
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                         22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int v = 0; v < NR; ++v) {
+    __m512i a[16];  // a[u] lane r: (p[2u][r], p[2u + 1][r])
+    for (int u = 0; u < kKeys / 2; ++u) {
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(&w.s[2 * u + 1][16 * v]),
+                                                        _mm512_load_ps(&w.s[2 * u][16 * v]));
+      a[u] = _mm512_permutexvar_epi16(pairs, both);
+    }
+    transpose16(a);  // a[r]: row r's 32 probabilities
+    for (int r = 0; r < 16; ++r) _mm512_store_si512(&w.prow[16 * v + r][0], a[r]);
+  }
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                      6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int u = 0; u < kKeys / 2; ++u) {
+    for (int c = 0; c < D / 32; ++c) {
+      const __m512i x = _mm512_loadu_si512(vrow[2 * u] + 32 * c), y = _mm512_loadu_si512(vrow[2 * u + 1] + 32 * c);
+      _mm512_store_si512(&w.vpair[u][32 * c], _mm512_permutex2var_epi16(x, lo, y));
+      _mm512_store_si512(&w.vpair[u][32 * c + 16], _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+// acc[row] = alpha[row] * acc[row] + P[row] V, by tiles (tile 4: P rows, 5 and 6: value pairs, 0 and
+// 1: the accumulators of two column blocks in turn)
+template <int D, int NR>
+inline void tile_values(Scratch<D>& w, int64_t rows) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 al = _mm512_set1_ps(w.alpha[r]);
+    for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.acc[r][16 * c], _mm512_mul_ps(_mm512_load_ps(&w.acc[r][16 * c]), al));
+  }
+  for (int v = 0; v < NR; ++v) {
+    _tile_loadd(4, &w.prow[16 * v][0], kKeys * 2);
+    for (int c = 0; c < D / 16; c += 2) {
+      _tile_loadd(0, &w.acc[16 * v][16 * c], D * 4);
+      _tile_loadd(5, &w.vpair[0][16 * c], D * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(1, &w.acc[16 * v][16 * c + 16], D * 4);
+      _tile_loadd(6, &w.vpair[0][16 * c + 16], D * 4);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_stored(0, &w.acc[16 * v][16 * c], D * 4);
+      _tile_stored(1, &w.acc[16 * v][16 * c + 16], D * 4);
+    }
   }
 }
 #endif
@@ -328,8 +406,15 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
       _mm512_store_ps(&w.l[16 * v], _mm512_fmadd_ps(_mm512_load_ps(&w.l[16 * v]), alpha, sum));
       _mm512_store_ps(&w.m[16 * v], mx);
     }
-    stage_block<D, NR, P>(w, vrow);
-    block_values<D, P>(w, rows);
+    if constexpr (P == Products::kTiles) {
+#ifdef RESEARCH_RT_EXTEND_TILES
+      tile_stage<D, NR>(w, vrow);
+      tile_values<D, NR>(w, rows);
+#endif
+    } else {
+      stage_block<D, NR, P>(w, vrow);
+      block_values<D, P>(w, rows);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = p.q_start[it.b] + it.i0 + r / G, row = tok * p.H + it.h * G + r % G;
