@@ -177,8 +177,10 @@ inline void transpose16(__m512i a[16]) {
     u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
   }
   for (int k = 0; k < 4; ++k) {
-    const __m512i w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88), w1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
-    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88), w3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
+    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
+    const __m512i w3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
     a[k] = _mm512_shuffle_i32x4(w0, w2, 0x88);
     a[4 + k] = _mm512_shuffle_i32x4(w1, w3, 0x88);
     a[8 + k] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
@@ -219,7 +221,8 @@ template <int D, int NR>
 inline void tile_values(Scratch<D>& w, int64_t rows) {
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 al = _mm512_set1_ps(w.alpha[r]);
-    for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.acc[r][16 * c], _mm512_mul_ps(_mm512_load_ps(&w.acc[r][16 * c]), al));
+    for (int c = 0; c < D / 16; ++c)
+      _mm512_store_ps(&w.acc[r][16 * c], _mm512_mul_ps(_mm512_load_ps(&w.acc[r][16 * c]), al));
   }
   for (int v = 0; v < NR; ++v) {
     _tile_loadd(4, &w.prow[16 * v][0], kKeys * 2);
@@ -245,7 +248,8 @@ inline void block_scores(Scratch<D>& w, const uint16_t* const* krow, __m512 scal
     tile_scores<D, NR>(w);
 #endif
     for (int t = 0; t < kKeys; ++t)
-      for (int v = 0; v < NR; ++v) _mm512_store_ps(&w.s[t][16 * v], _mm512_mul_ps(_mm512_load_ps(&w.s[t][16 * v]), scale));
+      for (int v = 0; v < NR; ++v)
+        _mm512_store_ps(&w.s[t][16 * v], _mm512_mul_ps(_mm512_load_ps(&w.s[t][16 * v]), scale));
     return;
   }
   for (int t0 = 0; t0 < kKeys; t0 += kScoreKeys) {
