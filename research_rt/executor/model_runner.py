@@ -231,7 +231,7 @@ class ModelRunner:
         are then not returned); a batch with interventions runs eager, and what its requests
         capture goes to their stores."""
         if self.runs_compiled(batch):
-            return self.graph_runner.run(batch)[logit_rows.to(self.device)].float().cpu(), None
+            return _select_rows(self.graph_runner.run(batch), logit_rows).float().cpu(), None
         hidden = self.model(batch.input_ids, batch.positions, batch)
         if batch.interventions is not None:
             collect_captures(batch.interventions, hidden, self.model)
@@ -290,3 +290,11 @@ def _make_expert_recorder(model: torch.nn.Module) -> ExpertDistributionRecorder 
     if not layer_ids:
         return None
     return ExpertDistributionRecorder(layer_ids, model.num_experts)
+
+
+def _select_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """logits[rows]; a decode step asks for every row in order, and gathering batch 64's [64, 49152]
+    float32 logits cost 2.9 ms of its ~80 ms step (SmolLM2, Xeon VM, 2026-12-06): skip the copy."""
+    if rows.numel() == logits.shape[0] and bool((rows.cpu() == torch.arange(rows.numel())).all()):
+        return logits
+    return logits[rows.to(logits.device)]
