@@ -100,10 +100,23 @@ def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     return op(logits) if op is not None and logits.dim() == 2 else logits.argmax(dim=-1)
 
 
+def edits_in_place(reqs: list[Req]) -> bool:
+    """Whether a logit processor, a grammar or a pending min_new_tokens will write into the logits."""
+    return any(
+        r.logit_processor is not None
+        or r.custom_logit_processor is not None
+        or r.grammar is not None
+        or len(r.output_ids) < r.sampling.min_new_tokens
+        for r in reqs
+    )
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, reqs: list[Req], want_logprobs: bool) -> SampleResult:
-        # one float32 copy, edited in place below (the model's output may be an inference tensor)
-        logits = logits.to(torch.float32, copy=True)
+        # one float32 copy where a step below edits in place (the model's output may be an inference
+        # tensor, or a buffer the caller keeps); plain batches read the model's output as it is: the
+        # copy of batch 64's [64, 49152] logits cost 2.8 ms a step (SmolLM2, Xeon VM, 2026-12-06)
+        logits = logits.to(torch.float32, copy=edits_in_place(reqs))
         apply_logit_processors(logits, reqs)
         logits = apply_penalties(logits, reqs)
         grammar_rows = constrained_rows(reqs)
