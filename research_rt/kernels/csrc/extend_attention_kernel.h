@@ -118,9 +118,10 @@ struct Scratch {
 };
 
 #ifdef RESEARCH_RT_EXTEND_TILES
-// Tiles (configure_score_tiles): 0-3 S^T for row vectors 0-3 (16 keys x 16 rows, float32), 4 the
-// keys (16 keys x 32 head dims), 5 and 6 the query pairs (16 dim pairs x 16 rows), alternating.
-inline void configure_score_tiles() {
+// Seven tiles of 16 rows x 64 bytes. Scores (tile_scores): 0-3 S^T for row vectors 0-3 (16 keys x 16
+// rows, float32), 4 the keys (16 keys x 32 head dims), 5 and 6 the query pairs (16 dim pairs x 16
+// rows), alternating. Values (tile_values): 0 and 1 accumulators, 4 probabilities, 5 and 6 value pairs.
+inline void configure_tiles() {
   struct alignas(64) {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64};
@@ -470,7 +471,7 @@ void run_all(const Problem& p, const std::vector<Item>& items) {
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
 #ifdef RESEARCH_RT_EXTEND_TILES
-      if constexpr (P == Products::kTiles) configure_score_tiles();
+      if constexpr (P == Products::kTiles) configure_tiles();
 #endif
       std::unique_ptr<Scratch<D>> w(new Scratch<D>);
       for (size_t i = next++; i < items.size(); i = next++) {
