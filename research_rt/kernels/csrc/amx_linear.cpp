@@ -17,6 +17,7 @@
 // Threads split the weight's 16-row blocks; M runs in chunks of kChunkTiles tiles so a chunk of xp
 // stays in L2 while the weight streams past it (prefill); a decode batch is one chunk.
 #include "amx_linear.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -58,22 +59,21 @@ void configure_tiles(int n_rows) {
   _tile_loadconfig(&c);
 }
 
-// xp tile (kb, mt) = 16 k-pairs x 16 rows of 32-bit pairs; rows past M are zeros.
+// xp tile (kb, mt) = 16 k-pairs x 16 rows of 32-bit pairs, a transpose of x's block; rows past M
+// are zeros.
 void pack_input(const uint32_t* x, int64_t M, int64_t K, int64_t MT, uint32_t* xp) {
   const int64_t KB = K / 32, pairs = K / 2;
   at::parallel_for(0, KB, 8, [&](int64_t kb0, int64_t kb1) {
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       for (int64_t mt = 0; mt < MT; ++mt) {
-        uint32_t* tile = xp + (kb * MT + mt) * 256;
+        __m512i a[16];
         for (int64_t i = 0; i < 16; ++i) {
           const int64_t m = mt * 16 + i;
-          if (m < M) {
-            const uint32_t* row = x + m * pairs + kb * 16;
-            for (int64_t k = 0; k < 16; ++k) tile[k * 16 + i] = row[k];
-          } else {
-            for (int64_t k = 0; k < 16; ++k) tile[k * 16 + i] = 0;
-          }
+          a[i] = m < M ? _mm512_loadu_si512(x + m * pairs + kb * 16) : _mm512_setzero_si512();
         }
+        transpose16(a);
+        uint32_t* tile = xp + (kb * MT + mt) * 256;
+        for (int k = 0; k < 16; ++k) _mm512_storeu_si512(tile + k * 16, a[k]);
       }
     }
   });

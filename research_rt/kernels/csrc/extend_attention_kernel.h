@@ -163,32 +163,6 @@ inline void tile_scores(Scratch<D>& w) {
   }
 }
 
-// a[j][i] <- a[i][j] for 16 x 16 32-bit values in 16 registers: pairs of rows, then quads, then
-// 128-bit lanes across row quads (column 4L + k ends in register 4L + k).
-inline void transpose16(__m512i a[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // u[4i + k]: column 4L + k of rows 4i .. 4i + 3, in each lane L
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int k = 0; k < 4; ++k) {
-    const __m512i w0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x88);
-    const __m512i w1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xDD);
-    const __m512i w2 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x88);
-    const __m512i w3 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xDD);
-    a[k] = _mm512_shuffle_i32x4(w0, w2, 0x88);
-    a[4 + k] = _mm512_shuffle_i32x4(w1, w3, 0x88);
-    a[8 + k] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
-    a[12 + k] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
-  }
-}
-
 // prow: each row's 32 probabilities as bfloat16, row-major; vpair: value rows 2u, 2u+1 interleaved
 template <int D, int NR>
 inline void tile_stage(Scratch<D>& w, const uint16_t* const* vrow) {
