@@ -128,20 +128,21 @@ void tile_block(const uint16_t* w, int64_t w_stride, const uint32_t* xp, int64_t
   if constexpr (G > 3) _tile_stored(3, cbuf + 768, 64);
 }
 
-// out[m, n0 + i] = cbuf[t][i][m % 16] + bias, for the rows m < M of the G tiles from mt0.
+// out[m, n0 + i] = cbuf[t][i][m % 16] + bias, for the rows m < M of the G tiles from mt0: each C^T
+// tile transposed in registers (vec_math.h's transpose16 on the float bits).
 void write_rows(const float* cbuf, int G, int64_t mt0, int64_t M, int64_t N, int64_t n0, int n_rows,
                 const float* bias, uint16_t* out) {
-  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192,
-                                           208, 224, 240);
   const __mmask16 keep = n_rows == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n_rows) - 1);
   const __m512 b = bias ? _mm512_maskz_loadu_ps(keep, bias + n0) : _mm512_setzero_ps();
   for (int t = 0; t < G; ++t) {
+    __m512i a[16];
+    for (int i = 0; i < 16; ++i) a[i] = _mm512_load_si512(cbuf + t * 256 + i * 16);
+    transpose16(a);  // a[i]: input row mt * 16 + i over the block's 16 weight rows
     for (int i = 0; i < 16; ++i) {
       const int64_t m = (mt0 + t) * 16 + i;
       if (m >= M) return;
-      const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, cbuf + t * 256 + i, 4), b);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(out + m * N + n0, keep, h);
+      const __m512 v = _mm512_add_ps(_mm512_castsi512_ps(a[i]), b);
+      _mm256_mask_storeu_epi16(out + m * N + n0, keep, (__m256i)_mm512_cvtneps_pbh(v));
     }
   }
 }
