@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from research_rt.kernels import gemv_op
+from research_rt.kernels import amx_linear_available, decode_attention_vectorized, gemv_op
 from research_rt.models.layers.linear import linear
 
 op = gemv_op()
@@ -34,14 +34,15 @@ def test_float32_matches_linear(k, n, rows, with_bias):
 
 
 @pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("rows", [1, 17, 19, 64])  # the row loop; 4 x 4 tiles (AVX512-BF16), with tails
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_bfloat16_rounds_once(k, n, with_bias):
+def test_bfloat16_rounds_once(k, n, rows, with_bias):
     g = torch.Generator().manual_seed(k + n)
-    x = torch.randn(1, k, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g).bfloat16()
     w = torch.randn(n, k, generator=g).bfloat16()
     b = torch.randn(n, generator=g).bfloat16() if with_bias else None
     out = op(x, w, b)
-    assert out.dtype == torch.bfloat16 and out.shape == (1, n)
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
     exact = x.double() @ w.double().t() + (0 if b is None else b.double())
     torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
 
@@ -57,6 +58,22 @@ def test_each_row_is_bit_identical_at_any_row_count(dtype, k, n):
     alone = torch.cat([op(x[i : i + 1], w, b) for i in range(16)])
     for rows in (2, 5, 8, 9, 16):
         assert torch.equal(op(x[:rows], w, b), alone[:rows]), rows
+
+
+@pytest.mark.skipif(
+    op is None or not (amx_linear_available() or decode_attention_vectorized(torch.bfloat16, 64)),
+    reason="no AVX512-BF16 or AMX here: such rows go to oneDNN, which promises no row invariance",
+)
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (33, 65)])
+def test_bfloat16_batch_rows_are_bit_identical_from_17_to_64_rows(k, n):
+    """Decode batches of 17-64 requests (AMX tiles, or 4 x 4 dot-product tiles on AVX512-BF16): a
+    request's row does not depend on how many others share its step or where it sits in the tiles."""
+    g = torch.Generator().manual_seed(k + 3 * n)
+    x = torch.randn(64, k, generator=g).bfloat16()
+    w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    full = op(x, w, b)
+    for lo, hi in ((0, 17), (3, 22), (30, 63), (1, 64)):
+        assert torch.equal(op(x[lo:hi], w, b), full[lo:hi]), (lo, hi)
 
 
 def test_non_contiguous_weight():

@@ -47,21 +47,6 @@ constexpr int64_t kVecBlock = 16;  // keys per zmm of scores
 constexpr int64_t kBlock = 32;  // keys per online-softmax update: two zmm of scores per head
 constexpr int64_t kPrefetchAhead = 32;  // keys whose K and V rows are requested ahead of use
 
-// Lane t of the result = the sum of v[t]'s 16 lanes. A transpose-and-add tree: 45 shuffles and
-// adds for 16 sums, where one horizontal sum each (_mm512_reduce_add_ps) costs ~8 dependent ops.
-inline __m512 sum16(const __m512* v) {
-  __m512 w[8], x[4];
-  for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
-    w[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
-  for (int j = 0; j < 4; ++j) {  // per 128-bit lane: the lane's sums of v[4j .. 4j+3]
-    const __m512d a = _mm512_castps_pd(w[2 * j]), b = _mm512_castps_pd(w[2 * j + 1]);
-    x[j] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  const __m512 z0 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x88), _mm512_shuffle_f32x4(x[0], x[1], 0xdd));
-  const __m512 z1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(z0, z1, 0x88), _mm512_shuffle_f32x4(z0, z1, 0xdd));
-}
-
 // 16 consecutive elements as float32
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) {

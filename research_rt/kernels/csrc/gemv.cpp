@@ -9,7 +9,8 @@
 // row at a time; benchmarks/RESULTS.md). Each weight row is loaded once for up to kMaxRows input
 // rows. Measured on SmolLM2-135M's linears in bfloat16 (2 threads, RESULTS.md): 8.5 ms for one row,
 // 9.2 ms for five, 13.6 ms for eight, against oneDNN's 17.8 / 20.8 / 22.4 ms; past kStreamMaxRows
-// rows (two passes) oneDNN's GEMM wins and the op calls it. bfloat16 uses AVX512-BF16's pairwise dot
+// rows (two passes) the op runs bfloat16 on AVX512-BF16 as 4 x 4 tiles of dot products up to 64 rows
+// (tile_linear below) and hands the rest to oneDNN's GEMM. bfloat16 uses AVX512-BF16's pairwise dot
 // product (VDPBF16PS: 32 products per instruction, float32 accumulation); float32 uses AVX-512
 // FMAs; other CPUs use a plain loop for the vectorizer.
 //
@@ -29,6 +30,7 @@
 #include <type_traits>
 
 #include "amx_linear.h"
+#include "vec_math.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -38,7 +40,7 @@ namespace {
 
 constexpr int64_t kGrain = 64;  // at least this many output rows per thread
 constexpr int64_t kMaxRows = 8;         // input rows per pass over the weight (16 accumulators in registers)
-constexpr int64_t kStreamMaxRows = 16;  // more rows go to at::linear (oneDNN's GEMM)
+constexpr int64_t kStreamMaxRows = 16;  // more rows: tile_linear or at::linear (oneDNN's GEMM)
 // Where AMX runs bfloat16: up to 128 rows (with weights from DRAM the tile kernel and oneDNN were
 // even at 96-128 rows; past that oneDNN's blocking reaches twice the kernel's ~1 TFLOP/s).
 constexpr int64_t kAmxMaxRows = 128;
@@ -157,17 +159,96 @@ void gemv_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
   });
 }
 
+#if defined(__AVX512BF16__)
+// bfloat16 for 17 to 64 rows without AMX (a decode batch): tiles of 4 input rows x 4 weight rows,
+// their 16 dot products accumulated by VDPBF16PS in 16 registers over all of K (8 loads feed 16
+// products per step, so the loop runs at the dot-product rate, where one weight row against up to 8
+// input rows, above, waits on loads and one horizontal sum per output), then summed by one
+// transpose-and-add tree. Each thread owns a range of weight rows: a block of 4 stays in L1 while
+// every input tile passes over it, so the weight streams from memory once. Tails reuse the last row
+// (computed twice, stored once). A row's bits do not depend on M within this range. SmolLM2-135M's
+// 121 linears, bfloat16, AMD EPYC Zen 5 (2 threads; benchmarks/bench_linear_rows.py, one run): 32 rows
+// 30.0 ms against oneDNN's 54.2 (prepacked 35.0), 64 rows 60.5 against 79.0 (prepacked 64.8).
+constexpr int64_t kTileMinRows = kStreamMaxRows + 1;  // fewer rows keep the loop above (bits of batch 1)
+constexpr int64_t kTileMaxRows = 64;  // past 64 oneDNN's GEMM blocks better (128 rows: even)
+
+inline __m512 tile_block(const uint16_t* const* x, const uint16_t* const* w, int64_t K) {
+  __m512 acc[16];
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+    __m512bh wv[4];
+    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, w[j] + k);
+    for (int i = 0; i < 4; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x[i] + k);
+      for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv, wv[j]);
+    }
+  }
+  return research_rt::sum16(acc);  // lane 4i + j: x row i . w row j
+}
+
+at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const at::BFloat16* bp = bias ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (N + 3) / 4, kGrain / 4, [&](int64_t b0, int64_t b1) {
+    alignas(64) float sums[16];
+    for (int64_t nb = b0; nb < b1; ++nb) {
+      const int64_t n0 = 4 * nb;
+      const uint16_t* wr[4];
+      alignas(64) float b4[16];
+      for (int j = 0; j < 4; ++j) {
+        wr[j] = wp + std::min(n0 + j, N - 1) * K;
+        for (int i = 0; i < 4; ++i) b4[4 * i + j] = bp ? static_cast<float>(bp[std::min(n0 + j, N - 1)]) : 0.f;
+      }
+      const __m512 bias4 = _mm512_load_ps(b4);
+      const bool full_cols = n0 + 4 <= N;
+      // the next block's weight rows (contiguous) requested while this one's tiles run: a share of
+      // its cache lines per input tile
+      const char* next = reinterpret_cast<const char*>(wp + std::min(n0 + 4, N - 1) * K);
+      const int64_t next_lines = (std::min<int64_t>(4, std::max<int64_t>(N - n0 - 4, 0)) * K * 2 + 63) / 64;
+      const int64_t tiles = (M + 3) / 4;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        for (int64_t l = (m0 / 4) * next_lines / tiles; l < (m0 / 4 + 1) * next_lines / tiles; ++l)
+          _mm_prefetch(next + 64 * l, _MM_HINT_T0);
+        const uint16_t* xr[4];
+        for (int i = 0; i < 4; ++i) xr[i] = xp + std::min(m0 + i, M - 1) * K;
+        __m512 v = tile_block(xr, wr, K);
+        if (bp) v = _mm512_add_ps(v, bias4);
+        if (full_cols && m0 + 4 <= M) {  // rounded to bfloat16 in one instruction, a row of 4 per store
+          alignas(32) uint64_t rows4[4];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rows4), (__m256i)_mm512_cvtneps_pbh(v));
+          for (int i = 0; i < 4; ++i) std::memcpy(op + (m0 + i) * N + n0, rows4 + i, 8);
+          continue;
+        }
+        _mm512_storeu_ps(sums, v);
+        for (int i = 0; i < 4 && m0 + i < M; ++i)
+          for (int j = 0; j < 4 && n0 + j < N; ++j) op[(m0 + i) * N + n0 + j] = static_cast<at::BFloat16>(sums[4 * i + j]);
+      }
+    }
+  });
+  return out;
+}
+#endif
+
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "gemv: x [M, K] and w [N, K]");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w must have one dtype");
   if (x.size(0) <= kAmxMaxRows && research_rt::amx_linear_supported(x, w)) {
     return research_rt::amx_linear(x, w, bias.has_value() ? &*bias : nullptr);
   }
-  if (x.size(0) > kStreamMaxRows) return at::linear(x, w, bias);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor bc;
   if (bias.has_value()) bc = bias->to(x.scalar_type()).contiguous();
   const at::Tensor* bptr = bias.has_value() ? &bc : nullptr;
+#if defined(__AVX512BF16__)
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) >= kTileMinRows && x.size(0) <= kTileMaxRows)
+    return tile_linear(xc, wc, bptr);
+#endif
+  if (x.size(0) > kStreamMaxRows) return at::linear(x, w, bias);
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
   if (x.scalar_type() == at::kBFloat16) {
     gemv_kernel<at::BFloat16>(xc, wc, bptr, out);
