@@ -9,6 +9,8 @@ from research_rt.kernels.build import (
     extend_attention_op,
     extend_attention_tiles,
     gemv_op,
+    rms_norm_op,
+    silu_mul_op,
 )
 
 __all__ = [
@@ -19,4 +21,6 @@ __all__ = [
     "extend_attention_op",
     "extend_attention_tiles",
     "gemv_op",
+    "rms_norm_op",
+    "silu_mul_op",
 ]

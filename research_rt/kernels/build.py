@@ -1,8 +1,8 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`argmax_op()`, `decode_attention_op()`, `extend_attention_op()` and `gemv_op()` return
-`torch.ops.research_rt.<name>` once the extension has been compiled and loaded, or None: no compiler,
-a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
+`argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `rms_norm_op()` and
+`silu_mul_op()` return `torch.ops.research_rt.<name>` once the extension has been compiled and loaded,
+or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
 capability (the code is built with -march=native), so later starts only load it (`make install`
@@ -61,6 +61,14 @@ def _load() -> bool:
     @torch.library.register_fake("research_rt::amx_linear")
     def _(x, w, bias):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("research_rt::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("research_rt::silu_mul")
+    def _(x):
+        return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
@@ -124,6 +132,18 @@ def extend_attention_op(dtype: torch.dtype, head_dim: int):
 def extend_attention_tiles() -> bool:
     """Whether `extend_attention` runs its AMX tile products here (csrc/extend_attention_kernel.h)."""
     return _loaded() and torch.ops.research_rt.extend_attention_products() == 3
+
+
+def rms_norm_op():
+    """`research_rt::rms_norm` (csrc/rms_norm_silu.cpp): models/layers/norm.py's RMSNorm in one pass
+    over each row, for eager float32/bfloat16 CPU code; or None."""
+    return torch.ops.research_rt.rms_norm if _loaded() else None
+
+
+def silu_mul_op():
+    """`research_rt::silu_mul` (csrc/rms_norm_silu.cpp): silu(gate) * up of a fused gate_up
+    projection in one pass, for eager float32/bfloat16 CPU code; or None."""
+    return torch.ops.research_rt.silu_mul if _loaded() else None
 
 
 def gemv_op():

@@ -15,9 +15,11 @@ from torch import nn
 
 from research_rt.core.forward_batch import ForwardBatch
 from research_rt.core.interventions import InterventionShape
+from research_rt.kernels import silu_mul_op
 from research_rt.models.layers import Attention, RMSNorm, RotaryEmbedding
 from research_rt.models.layers.intervention import ablate_heads, ablate_neurons, intervene
 from research_rt.models.layers.linear import Linear, linear
+from research_rt.models.layers.norm import eager_cpu_op
 from research_rt.models.protocol import KVSpec
 from research_rt.models.registry import register_model
 
@@ -33,8 +35,14 @@ class DecoderMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(ablate_neurons(batch, self.layer_id, F.silu(gate) * up))
+        gate_up = self.gate_up_proj(x)
+        op = eager_cpu_op(gate_up, gate_up.dtype, silu_mul_op)  # one pass in eager prefill
+        if op is not None:
+            act = op(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return self.down_proj(ablate_neurons(batch, self.layer_id, act))
 
 
 class DecoderAttention(nn.Module):
