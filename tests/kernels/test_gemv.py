@@ -64,16 +64,18 @@ def test_each_row_is_bit_identical_at_any_row_count(dtype, k, n):
     op is None or not (amx_linear_available() or decode_attention_vectorized(torch.bfloat16, 64)),
     reason="no AVX512-BF16 or AMX here: such rows go to oneDNN, which promises no row invariance",
 )
-@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (33, 65)])
-def test_bfloat16_batch_rows_are_bit_identical_from_17_to_64_rows(k, n):
-    """Decode batches of 17-64 requests (AMX tiles, or 4 x 4 dot-product tiles on AVX512-BF16): a
-    request's row does not depend on how many others share its step or where it sits in the tiles."""
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (33, 65), (100, 37)])
+def test_bfloat16_batch_rows_are_bit_identical_to_batch_1_up_to_64_rows(k, n):
+    """Decode batches of 17-64 requests (AMX tiles, or 2 x 4 dot-product tiles on AVX512-BF16 that
+    sum as the row loop does): each row has the bits batch 1 gives it, wherever it sits."""
     g = torch.Generator().manual_seed(k + 3 * n)
     x = torch.randn(64, k, generator=g).bfloat16()
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
-    full = op(x, w, b)
-    for lo, hi in ((0, 17), (3, 22), (30, 63), (1, 64)):
-        assert torch.equal(op(x[lo:hi], w, b), full[lo:hi]), (lo, hi)
+    for bias in (b, None):
+        alone = torch.cat([op(x[i : i + 1], w, bias) for i in range(64)])
+        for lo, hi in ((0, 17), (3, 22), (30, 63), (0, 64)):
+            got = op(x[lo:hi], w, bias)
+            assert torch.equal(got.view(torch.int16), alone[lo:hi].view(torch.int16)), (lo, hi, bias is None)
 
 
 def test_non_contiguous_weight():

@@ -30,7 +30,6 @@
 #include <type_traits>
 
 #include "amx_linear.h"
-#include "vec_math.h"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -160,31 +159,66 @@ void gemv_kernel(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bia
 }
 
 #if defined(__AVX512BF16__)
-// bfloat16 for 17 to 64 rows without AMX (a decode batch): tiles of 4 input rows x 4 weight rows,
-// their 16 dot products accumulated by VDPBF16PS in 16 registers over all of K (8 loads feed 16
-// products per step, so the loop runs at the dot-product rate, where one weight row against up to 8
-// input rows, above, waits on loads and one horizontal sum per output), then summed by one
-// transpose-and-add tree. Each thread owns a range of weight rows: a block of 4 stays in L1 while
-// every input tile passes over it, so the weight streams from memory once. Tails reuse the last row
-// (computed twice, stored once). A row's bits do not depend on M within this range. SmolLM2-135M's
-// 121 linears, bfloat16, AMD EPYC Zen 5 (2 threads; benchmarks/bench_linear_rows.py, one run): 32 rows
-// 30.0 ms against oneDNN's 54.2 (prepacked 35.0), 64 rows 60.5 against 79.0 (prepacked 64.8).
-constexpr int64_t kTileMinRows = kStreamMaxRows + 1;  // fewer rows keep the loop above (bits of batch 1)
+// bfloat16 for 17 to 64 rows without AMX (a decode batch): tiles of 2 input rows x 4 weight rows,
+// each of their 8 dot products in two accumulators over all of K (the row loop's a0 / a1 schedule
+// above: 12 loads feed 16 VDPBF16PS per 64-wide step, where the loop waits on loads and one
+// horizontal sum per output), then summed by one transpose-and-add tree that adds the lanes in
+// _mm512_reduce_add_ps's order, with the bias added and rounded as the loop does: each output has the
+// bits batch 1 gives it, so a request's greedy tokens do not depend on the batch it decodes in. Each
+// thread owns a range of weight rows: a block of 4 stays in L1 while every input tile passes over it,
+// so the weight streams from memory once (the next block prefetched meanwhile). Tails reuse the last
+// row (computed twice, stored once). SmolLM2-135M's 121 linears, bfloat16, AMD EPYC Zen 5 (2 threads;
+// benchmarks/bench_linear_rows.py, RESULTS.md): 1.3-1.8x oneDNN's per-call GEMM at 32-64 rows.
+constexpr int64_t kTileMinRows = kStreamMaxRows + 1;  // fewer rows keep the loop above
 constexpr int64_t kTileMaxRows = 64;  // past 64 oneDNN's GEMM blocks better (128 rows: even)
 
+// Lanes 0-7 of the result: the 16-lane sums of v[0..7], each added in _mm512_reduce_add_ps's order
+// (lane l with l + 8, then with l + 4, l + 2, l + 1), so they equal its results bit for bit.
+inline __m512 reduce8_in_order(const __m512* v) {
+  __m512 w[4], x[2];
+  for (int j = 0; j < 4; ++j)  // [v2j lo256 + hi256 | v2j+1 lo256 + hi256]
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 2; ++j)  // 128-bit lane L: v[4j + L]'s partials p_l + p_l+4
+    x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], 0xDD));
+  const __m512d a = _mm512_castps_pd(x[0]), b = _mm512_castps_pd(x[1]);
+  // lane L: [v[L] q0 + q2, q1 + q3, v[4 + L] q0 + q2, q1 + q3]
+  const __m512 y = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  // lane L: [sum v[L], sum v[4 + L], ..]; gathered to lanes 0-7 = v[0..7]
+  const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(y, y, 0x88), _mm512_shuffle_ps(y, y, 0xDD));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 13, 9, 5, 1, 12, 8, 4, 0), z);
+}
+
+// Lane 4i + j (i < 2, j < 4): x row i . w row j, as rows_kernel<R> computes it
 inline __m512 tile_block(const uint16_t* const* x, const uint16_t* const* w, int64_t K) {
-  __m512 acc[16];
-  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
-    __m512bh wv[4];
-    for (int j = 0; j < 4; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(m, w[j] + k);
-    for (int i = 0; i < 4; ++i) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x[i] + k);
-      for (int j = 0; j < 4; ++j) acc[4 * i + j] = _mm512_dpbf16_ps(acc[4 * i + j], xv, wv[j]);
+  __m512 a0[8], a1[8];
+  for (int t = 0; t < 8; ++t) a0[t] = a1[t] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 64 <= K; k += 64) {
+    __m512bh w0[4], w1[4];
+    for (int j = 0; j < 4; ++j) {
+      w0[j] = (__m512bh)_mm512_loadu_si512(w[j] + k);
+      w1[j] = (__m512bh)_mm512_loadu_si512(w[j] + k + 32);
+    }
+    for (int i = 0; i < 2; ++i) {
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x[i] + k), x1 = (__m512bh)_mm512_loadu_si512(x[i] + k + 32);
+      for (int j = 0; j < 4; ++j) {
+        a0[4 * i + j] = _mm512_dpbf16_ps(a0[4 * i + j], w0[j], x0);
+        a1[4 * i + j] = _mm512_dpbf16_ps(a1[4 * i + j], w1[j], x1);
+      }
     }
   }
-  return research_rt::sum16(acc);  // lane 4i + j: x row i . w row j
+  for (; k < K; k += 32) {
+    const __mmask32 m = K - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1ull << (K - k)) - 1);
+    for (int j = 0; j < 4; ++j) {
+      const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[j] + k);
+      for (int i = 0; i < 2; ++i)
+        a0[4 * i + j] = _mm512_dpbf16_ps(a0[4 * i + j], wv, (__m512bh)_mm512_maskz_loadu_epi16(m, x[i] + k));
+    }
+  }
+  for (int t = 0; t < 8; ++t) a0[t] = _mm512_add_ps(a0[t], a1[t]);
+  return reduce8_in_order(a0);
 }
 
 at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias) {
@@ -199,33 +233,32 @@ at::Tensor tile_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     for (int64_t nb = b0; nb < b1; ++nb) {
       const int64_t n0 = 4 * nb;
       const uint16_t* wr[4];
-      alignas(64) float b4[16];
+      alignas(64) float b8[16] = {};
       for (int j = 0; j < 4; ++j) {
         wr[j] = wp + std::min(n0 + j, N - 1) * K;
-        for (int i = 0; i < 4; ++i) b4[4 * i + j] = bp ? static_cast<float>(bp[std::min(n0 + j, N - 1)]) : 0.f;
+        b8[j] = b8[4 + j] = bp ? static_cast<float>(bp[std::min(n0 + j, N - 1)]) : 0.f;
       }
-      const __m512 bias4 = _mm512_load_ps(b4);
+      const __m512 bias8 = _mm512_load_ps(b8);  // added always, as the loop adds 0.f without bias
       const bool full_cols = n0 + 4 <= N;
       // the next block's weight rows (contiguous) requested while this one's tiles run: a share of
       // its cache lines per input tile
       const char* next = reinterpret_cast<const char*>(wp + std::min(n0 + 4, N - 1) * K);
       const int64_t next_lines = (std::min<int64_t>(4, std::max<int64_t>(N - n0 - 4, 0)) * K * 2 + 63) / 64;
-      const int64_t tiles = (M + 3) / 4;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        for (int64_t l = (m0 / 4) * next_lines / tiles; l < (m0 / 4 + 1) * next_lines / tiles; ++l)
+      const int64_t tiles = (M + 1) / 2;
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        for (int64_t l = (m0 / 2) * next_lines / tiles; l < (m0 / 2 + 1) * next_lines / tiles; ++l)
           _mm_prefetch(next + 64 * l, _MM_HINT_T0);
-        const uint16_t* xr[4];
-        for (int i = 0; i < 4; ++i) xr[i] = xp + std::min(m0 + i, M - 1) * K;
-        __m512 v = tile_block(xr, wr, K);
-        if (bp) v = _mm512_add_ps(v, bias4);
-        if (full_cols && m0 + 4 <= M) {  // rounded to bfloat16 in one instruction, a row of 4 per store
-          alignas(32) uint64_t rows4[4];
-          _mm256_store_si256(reinterpret_cast<__m256i*>(rows4), (__m256i)_mm512_cvtneps_pbh(v));
-          for (int i = 0; i < 4; ++i) std::memcpy(op + (m0 + i) * N + n0, rows4 + i, 8);
+        const uint16_t* xr[2] = {xp + m0 * K, xp + std::min(m0 + 1, M - 1) * K};
+        const __m512 v = _mm512_add_ps(tile_block(xr, wr, K), bias8);
+        if (full_cols && m0 + 2 <= M) {  // rounded to nearest even in one instruction, 4 per store
+          alignas(32) uint64_t rows[4];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rows), (__m256i)_mm512_cvtneps_pbh(v));
+          std::memcpy(op + m0 * N + n0, rows, 8);
+          std::memcpy(op + (m0 + 1) * N + n0, rows + 1, 8);
           continue;
         }
         _mm512_storeu_ps(sums, v);
-        for (int i = 0; i < 4 && m0 + i < M; ++i)
+        for (int i = 0; i < 2 && m0 + i < M; ++i)
           for (int j = 0; j < 4 && n0 + j < N; ++j) op[(m0 + i) * N + n0 + j] = static_cast<at::BFloat16>(sums[4 * i + j]);
       }
     }
