@@ -9,8 +9,8 @@
 // row at a time; benchmarks/RESULTS.md). Each weight row is loaded once for up to kMaxRows input
 // rows. Measured on SmolLM2-135M's linears in bfloat16 (2 threads, RESULTS.md): 8.5 ms for one row,
 // 9.2 ms for five, 13.6 ms for eight, against oneDNN's 17.8 / 20.8 / 22.4 ms; past kStreamMaxRows
-// rows (two passes) the op runs bfloat16 on AVX512-BF16 as 4 x 4 tiles of dot products up to 64 rows
-// (tile_linear below) and hands the rest to oneDNN's GEMM. bfloat16 uses AVX512-BF16's pairwise dot
+// rows (two passes) the op runs bfloat16 on AVX512-BF16 as 2 x 4 tiles of dot products up to 64 rows
+// (tile_linear below, batch 1's bits) and hands the rest to oneDNN's GEMM. bfloat16 uses AVX512-BF16's pairwise dot
 // product (VDPBF16PS: 32 products per instruction, float32 accumulation); float32 uses AVX-512
 // FMAs; other CPUs use a plain loop for the vectorizer.
 //

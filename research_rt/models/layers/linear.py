@@ -7,7 +7,8 @@ builds: all of SmolLM2-135M's linears in bfloat16 stream at 85% of what `torch.s
 row, against 66% for Inductor's loop below (benchmarks/RESULTS.md); up to 8 rows share each pass
 over a weight (5 rows: 9.2-10.3 ms against oneDNN's 20.8 ms), 16 take two passes, 17 to 64 rows in
 bfloat16 run as 2 x 4 tiles of AVX512-BF16 dot products with the bits of batch 1 (64 rows: 60 ms
-against oneDNN's 79 ms for all of SmolLM2's linears on the Zen 5 machine), and the op hands more rows to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
+against oneDNN's 79 ms for all of SmolLM2's linears on the Zen 5 machine), and the op hands more rows
+to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
 (csrc/amx_linear.cpp), faster than both at every row count measured. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
 streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
 batches without the op use `F.linear`.
