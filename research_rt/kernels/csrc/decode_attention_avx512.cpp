@@ -47,13 +47,6 @@ constexpr int64_t kVecBlock = 16;  // keys per zmm of scores
 constexpr int64_t kBlock = 32;  // keys per online-softmax update: two zmm of scores per head
 constexpr int64_t kPrefetchAhead = 32;  // keys whose K and V rows are requested ahead of use
 
-// 16 consecutive elements as float32
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 inline bool fast_path_fits(int64_t D, bool bf16) {
 #if defined(__AVX512BF16__)
   return D % (bf16 ? 32 : 16) == 0;

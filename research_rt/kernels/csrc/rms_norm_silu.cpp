@@ -30,12 +30,8 @@ template <typename T>
 inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
 #if defined(__AVX512F__)
-// 16 values as float32, and back (bfloat16: round to nearest even as c10::BFloat16 does, NaN kept)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
+// 16 values back from float32 (bfloat16: round to nearest even as c10::BFloat16 does, NaN kept);
+// load16 (vec_math.h) widens them
 inline __m256i bf16_bits(__m512 v) {
   const __m512i b = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
