@@ -1,14 +1,16 @@
 // Decode attention with AVX-512 (and AVX512-BF16 for bfloat16): the fast path of
 // research_rt::decode_attention (decode_attention.cpp states the op and its layout).
 //
-// Keys go in blocks of 16. Scores: each query head's 16 dot products (VDPBF16PS or FMA) are summed
+// Keys go in blocks of 32, read first in pool order (load_rows). Scores: each query head's dot
+// products with 16 keys (VDPBF16PS or FMA, unrolled for a head size of 2 or 4 vectors) are summed
 // together by one transpose-and-add tree, scaled, and turned into the block's softmax weights by a
-// vector exp, with the running max and sum of the online softmax (flash-decoding style). Values:
-// each row is widened to float32 once and added into the G heads of its group, whose accumulators
-// stay in registers over the block. A work item is a request and all its KV heads (whole pool rows,
-// one stream for the prefetchers) when there are enough requests; per KV head otherwise. Measured
-// against Inductor's fused decode in benchmarks/RESULTS.md. In bfloat16, a prefix that four or more
-// requests share (the same slots) goes first, once for the batch (decode_shared_prefix).
+// vector exp, with the running max and sum of the online softmax (flash-decoding style). Values: in
+// bfloat16, two keys per VDPBF16PS with the probabilities rounded to bfloat16 (accumulate_value_pairs);
+// in float32, each row added into the G heads of its group by FMAs. The accumulators stay in
+// registers over the block. A work item is a request and all its KV heads (whole pool rows) when
+// there are enough requests; per KV head otherwise. Measured against Inductor's fused decode in
+// benchmarks/RESULTS.md. In bfloat16, a prefix that four or more requests share (the same slots)
+// goes first, once for the batch (decode_shared_prefix).
 #include "decode_attention.h"
 #include "extend_attention_kernel.h"
 #include "vec_math.h"
@@ -45,7 +47,6 @@ namespace {
 
 constexpr int64_t kVecBlock = 16;  // keys per zmm of scores
 constexpr int64_t kBlock = 32;  // keys per online-softmax update: two zmm of scores per head
-constexpr int64_t kPrefetchAhead = 32;  // keys whose K and V rows are requested ahead of use
 
 inline bool fast_path_fits(int64_t D, bool bf16) {
 #if defined(__AVX512BF16__)
@@ -55,17 +56,29 @@ inline bool fast_path_fits(int64_t D, bool bf16) {
 #endif
 }
 
-// q . k over D, as 16 partial sums (summed by sum16)
+// q . k over D, as 16 partial sums (summed by sum16). ND > 0: D is ND vectors, known when compiled
+// (unrolled; a loop over D's two vectors of SmolLM2's 64 spent ~30% of the op on its counter).
+template <int ND>
 inline __m512 dot_lanes(const float* q, const float* k, int64_t D) {
   __m512 a = _mm512_setzero_ps();
-  for (int64_t x = 0; x < D; x += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + x), _mm512_loadu_ps(k + x), a);
+  if constexpr (ND > 0) {
+    for (int x = 0; x < ND; ++x) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * x), _mm512_loadu_ps(k + 16 * x), a);
+  } else {
+    for (int64_t x = 0; x < D; x += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + x), _mm512_loadu_ps(k + x), a);
+  }
   return a;
 }
+template <int ND>
 inline __m512 dot_lanes(const at::BFloat16* q, const at::BFloat16* k, int64_t D) {
 #if defined(__AVX512BF16__)
   __m512 a = _mm512_setzero_ps();
-  for (int64_t x = 0; x < D; x += 32)
-    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + x), (__m512bh)_mm512_loadu_si512(k + x));
+  if constexpr (ND > 0) {
+    for (int x = 0; x < ND; ++x)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + 32 * x), (__m512bh)_mm512_loadu_si512(k + 32 * x));
+  } else {
+    for (int64_t x = 0; x < D; x += 32)
+      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + x), (__m512bh)_mm512_loadu_si512(k + x));
+  }
   return a;
 #else
   return _mm512_setzero_ps();  // unreachable: fast_path_fits is false for bfloat16 without AVX512-BF16
@@ -102,6 +115,63 @@ inline void accumulate_values(float* acc, const float* probs, const T* const* vr
   accumulate_values<G, 1>(acc, probs, vrows, n, D);
 }
 
+#if defined(__AVX512BF16__)
+// The bfloat16 version: two keys per VDPBF16PS. The rows of keys t and t + 1 are interleaved into
+// (v_t[x], v_t+1[x]) pairs (VPUNPCKLWD / VPUNPCKHWD, which take columns 0-3 and 4-7 of each 8-column
+// lane: the accumulators hold their columns in that order, permuted back when stored) and each
+// head's probabilities are rounded to bfloat16 pairs (p_t, p_t+1), as flash attention rounds P for
+// its P V product on GPUs; the sums stay float32. Half the multiply-adds of the float32 version and
+// no widening of the value rows.
+template <int G, int C>
+inline void accumulate_value_pairs(float* acc, const uint32_t* pairs, const at::BFloat16* const* vrows, int64_t n,
+                                   int64_t D) {
+  // natural 16-column halves <-> the unpacks' lo (columns 8L + 0..3) and hi (8L + 4..7) orders
+  const __m512i to_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i to_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512i from_0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i from_1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t x = 0; x < D; x += 32 * C) {
+    __m512 lo[G][C], hi[G][C];
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) {
+        const __m512 n0 = _mm512_loadu_ps(acc + i * D + x + 32 * c), n1 = _mm512_loadu_ps(acc + i * D + x + 32 * c + 16);
+        lo[i][c] = _mm512_permutex2var_ps(n0, to_lo, n1);
+        hi[i][c] = _mm512_permutex2var_ps(n0, to_hi, n1);
+      }
+    for (int64_t t = 0; t < n; t += 2) {
+      const at::BFloat16* r0 = vrows[t];
+      const at::BFloat16* r1 = vrows[t + 1 < n ? t + 1 : t];  // odd tail: probability 0 on a finite row
+      for (int c = 0; c < C; ++c) {
+        const __m512i a = _mm512_loadu_si512(r0 + x + 32 * c), b = _mm512_loadu_si512(r1 + x + 32 * c);
+        const __m512bh vlo = (__m512bh)_mm512_unpacklo_epi16(a, b), vhi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int i = 0; i < G; ++i) {
+          const __m512bh p = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[i * (kBlock / 2) + t / 2]));
+          lo[i][c] = _mm512_dpbf16_ps(lo[i][c], p, vlo);
+          hi[i][c] = _mm512_dpbf16_ps(hi[i][c], p, vhi);
+        }
+      }
+    }
+    for (int i = 0; i < G; ++i)
+      for (int c = 0; c < C; ++c) {
+        _mm512_storeu_ps(acc + i * D + x + 32 * c, _mm512_permutex2var_ps(lo[i][c], from_0, hi[i][c]));
+        _mm512_storeu_ps(acc + i * D + x + 32 * c + 16, _mm512_permutex2var_ps(lo[i][c], from_1, hi[i][c]));
+      }
+  }
+}
+
+template <int G>
+inline void accumulate_values(float* acc, const float* probs, const at::BFloat16* const* vrows, int64_t n, int64_t D) {
+  uint32_t pairs[G * kBlock / 2];
+  for (int i = 0; i < G; ++i) {  // probabilities past n are 0 (masked scores)
+    const __m512bh pb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(probs + i * kBlock + 16), _mm512_loadu_ps(probs + i * kBlock));
+    _mm512_storeu_si512(pairs + i * (kBlock / 2), (__m512i)pb);
+  }
+  // D is a multiple of 32 on this path (fast_path_fits)
+  if (D % 64 == 0 && G * 4 <= 24) return accumulate_value_pairs<G, 2>(acc, pairs, vrows, n, D);
+  accumulate_value_pairs<G, 1>(acc, pairs, vrows, n, D);
+}
+#endif
+
 template <typename T>
 inline void accumulate_values(int64_t G, float* acc, const float* probs, const T* const* vrows, int64_t n, int64_t D) {
   switch (G) {
@@ -118,9 +188,27 @@ inline void accumulate_values(int64_t G, float* acc, const float* probs, const T
   }
 }
 
-inline void prefetch_row(const void* row, int64_t bytes) {
-  const char* p = static_cast<const char*>(row);
-  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+// Loads the K and V rows of keys [t0, t1) in pool order, each row whole, so that the block's passes
+// (a third of every row per KV head, for scores, then values) read them from L1/L2. The passes'
+// own order, strided, halved what the hardware prefetchers fetch: a plain read of a layer of W2's
+// KV in that order ran at 11 GB/s on one core, in row order 26 GB/s; software prefetches (T0/T2,
+// 0-128 keys ahead) changed nothing measurable. W2-like batch 64, one layer from DRAM, two threads:
+// 58 -> 42 ns a key (benchmarks/RESULTS.md, 2026-12-06).
+template <typename T>
+inline void load_rows(const T* kh, const T* vh, const int64_t* slots, int64_t t0, int64_t t1, int64_t slot_stride,
+                      int64_t span_bytes) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const char* kr = reinterpret_cast<const char*>(kh + slots[t] * slot_stride);
+    const char* vr = reinterpret_cast<const char*>(vh + slots[t] * slot_stride);
+    for (int64_t off = 0; off < span_bytes; off += 64) {
+      const __m512i x = _mm512_loadu_si512(kr + off);
+      asm volatile("" : : "v"(x));  // keep the load; its value is not needed
+    }
+    for (int64_t off = 0; off < span_bytes; off += 64) {
+      const __m512i x = _mm512_loadu_si512(vr + off);
+      asm volatile("" : : "v"(x));
+    }
+  }
 }
 
 // Where a shared-prefix pass ran first: request b with row[b] >= 0 has its first `keys` visible keys
@@ -131,7 +219,7 @@ struct PrefixState {
   int64_t keys = 0;
 };
 
-template <typename T>
+template <typename T, int ND>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
                           at::Tensor& out, const PrefixState& done = {}) {
@@ -183,17 +271,10 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
         run_sum[h] = st[1];
         std::copy(st + 2, st + 2 + D, acc.begin() + h * D);
       }
-      for (int64_t t = start; t < std::min(start + kPrefetchAhead, n_visible); ++t) {
-        prefetch_row(kh + slots[t] * slot_stride, span_bytes);
-        prefetch_row(vh + slots[t] * slot_stride, span_bytes);
-      }
       for (int64_t j0 = start; j0 < n_visible; j0 += kBlock) {
         const int64_t n = std::min(kBlock, n_visible - j0);
         const int64_t* blk = slots.data() + j0;
-        for (int64_t t = j0 + kPrefetchAhead; t < std::min(j0 + kPrefetchAhead + n, n_visible); ++t) {
-          prefetch_row(kh + slots[t] * slot_stride, span_bytes);
-          prefetch_row(vh + slots[t] * slot_stride, span_bytes);
-        }
+        load_rows(kh, vh, slots.data(), j0, j0 + n, slot_stride, span_bytes);
         // scores of every head first, then the softmax updates: the heads' chains are independent,
         // and split this way the CPU overlaps them (one loop doing both waited on each head's
         // reductions and exp in turn)
@@ -201,8 +282,14 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
           const T* kg = kh + (h / G) * head_stride;
           for (int64_t half = 0; half < kBlock; half += kVecBlock) {
             const int64_t m = std::max<int64_t>(0, std::min(kVecBlock, n - half));
-            for (int64_t t = 0; t < m; ++t) part[t] = dot_lanes(qh + h * D, kg + blk[half + t] * slot_stride, D);
-            for (int64_t t = m; t < kVecBlock; ++t) part[t] = _mm512_setzero_ps();
+            if (m == 0) {
+              _mm512_storeu_ps(scores.data() + h * kBlock + half, neg_inf);
+              continue;
+            }
+            // all 16 lanes, keys past m on the block's first row (masked below): a fixed count keeps
+            // `part` in registers (a loop to m stored and reloaded each dot product)
+            for (int64_t t = 0; t < kVecBlock; ++t)
+              part[t] = dot_lanes<ND>(qh + h * D, kg + blk[t < m ? half + t : 0] * slot_stride, D);
             const __mmask16 live = static_cast<__mmask16>((1u << m) - 1);
             _mm512_storeu_ps(scores.data() + h * kBlock + half, _mm512_mask_mul_ps(neg_inf, live, sum16(part), sc));
           }
@@ -238,6 +325,18 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
       }
     }
   });
+}
+
+// decode_kernel_avx512 with the head size's vector count compiled in where it is 2 or 4 (D 64 or 128
+// in bfloat16, 32 or 64 in float32)
+template <typename T>
+void run_decode(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf, const at::Tensor& kv_indices,
+                const at::Tensor& mask, double scale, at::Tensor& out, const PrefixState& done = {}) {
+  constexpr int64_t width = 64 / sizeof(T);
+  const int64_t D = q.size(2);
+  if (D == 2 * width) return decode_kernel_avx512<T, 2>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
+  if (D == 4 * width) return decode_kernel_avx512<T, 4>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
+  decode_kernel_avx512<T, 0>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
 }
 }  // namespace
 
@@ -300,7 +399,7 @@ bool decode_shared_prefix(const at::Tensor& q, const at::Tensor& k_buf, const at
                     reinterpret_cast<const uint16_t*>(v_buf.data_ptr()), idx, prefix.data(), q_start.data(),
                     nullptr, static_cast<float>(scale), state.data()};
   extend::run_items(p, items, /*products=*/0);
-  decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out,
+  run_decode<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out,
                                      {state.data(), state_row.data(), group.keys});
   return true;
 }
@@ -314,8 +413,8 @@ bool decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
 #if defined(__AVX512BF16__)
   if (bf16 && decode_shared_prefix(q, k_buf, v_buf, kv_indices, mask, scale, out)) return true;
 #endif
-  if (bf16) decode_kernel_avx512<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out);
-  else decode_kernel_avx512<float>(q, k_buf, v_buf, kv_indices, mask, scale, out);
+  if (bf16) run_decode<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out);
+  else run_decode<float>(q, k_buf, v_buf, kv_indices, mask, scale, out);
   return true;
 }
 #else

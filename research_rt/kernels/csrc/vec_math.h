@@ -60,7 +60,7 @@ inline void transpose16(__m512i a[16]) {
 
 // Lane t of the result = the sum of v[t]'s 16 lanes. A transpose-and-add tree: 45 shuffles and
 // adds for 16 sums, where one horizontal sum each (_mm512_reduce_add_ps) costs ~8 dependent ops.
-inline __m512 sum16(const __m512* v) {
+[[gnu::always_inline]] inline __m512 sum16(const __m512* v) {
   __m512 w[8], x[4];
   for (int j = 0; j < 8; ++j)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
     w[j] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * j], v[2 * j + 1]), _mm512_unpackhi_ps(v[2 * j], v[2 * j + 1]));
