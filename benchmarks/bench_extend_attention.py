@@ -21,7 +21,7 @@ from research_rt.executor.attention.torch_native import (
     TorchNativeMetadata,
     extend_op_wins,
 )
-from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_tiles
+from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_products
 
 H, KVH, D = 9, 3, 64
 
@@ -71,7 +71,7 @@ def main() -> None:
     names = {"sdpa": "SDPA", 1: "op bf16 pairs", 2: "op float32", 3: "op AMX tiles"}
     chosen = names[torch.ops.research_rt.extend_attention_products()]
     paths = ["sdpa", 1, 2] + ([3] if amx_linear_available() else [])
-    tiles = extend_attention_tiles()
+    products = extend_attention_products()
     print(f"this CPU's products: {chosen}; ms (causal GFLOP/s)", flush=True)
     for name, (prefix, extend) in cases.items():
         x = batch(prefix, extend)
@@ -80,7 +80,7 @@ def main() -> None:
         best_op = min(t for p, t in ms.items() if p != "sdpa")
         print(
             f"{name:38s} {cells}  best op {ms['sdpa'] / best_op:3.1f}x SDPA"
-            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend), tiles) else 'SDPA'}",
+            f"  backend runs {'op' if extend_op_wins(len(extend), sum(extend), products) else 'SDPA'}",
             flush=True,
         )
 

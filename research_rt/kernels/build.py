@@ -129,9 +129,10 @@ def extend_attention_op(dtype: torch.dtype, head_dim: int):
 
 
 @functools.cache
-def extend_attention_tiles() -> bool:
-    """Whether `extend_attention` runs its AMX tile products here (csrc/extend_attention_kernel.h)."""
-    return _loaded() and torch.ops.research_rt.extend_attention_products() == 3
+def extend_attention_products() -> int:
+    """The products `extend_attention` runs here (csrc/extend_attention_kernel.h): 1 VDPBF16PS on
+    bfloat16 pairs, 2 float32 FMAs, 3 AMX tiles; 0 where the op does not run."""
+    return torch.ops.research_rt.extend_attention_products() if _loaded() else 0
 
 
 def rms_norm_op():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardMode
 from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
-from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_tiles
+from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_products
 
 pytestmark = pytest.mark.skipif(
     extend_attention_op(torch.bfloat16, 64) is None, reason="the op needs the C++ extension and AVX512-BF16"
@@ -152,14 +152,14 @@ def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
     [
         ([0, 5], [40, 300], "op"),
         ([0], [37], "op"),
-        ([0], [300], "op" if extend_attention_tiles() else "sdpa"),
-        ([1024], [300], "op" if extend_attention_tiles() else "sdpa"),
+        ([0], [300], "sdpa" if extend_attention_products() == 2 else "op"),
+        ([1024], [300], "sdpa" if extend_attention_products() == 2 else "op"),
         ([1024], [32], "op"),
     ],
 )
 def test_backend_takes_the_op_where_it_wins(prefix_lens, extend_lens, path):
-    """Several requests or one short prompt: the op; one long prompt: SDPA, but the op wherever it
-    runs AMX tiles (extend_op_wins)."""
+    """Several requests or one short prompt: the op; one long prompt: the op too, except where its
+    products are float32 FMAs (Intel without AMX), where SDPA wins (extend_op_wins)."""
     q, k_buf, v_buf, meta = make_case(9, 3, 64, prefix_lens, extend_lens, seed=5)
     layer = SimpleNamespace(scaling=0.125, num_heads=9, num_kv_heads=3, head_dim=64)
     batch = SimpleNamespace(attn_metadata=meta)
