@@ -147,3 +147,29 @@ def test_many_runners_compile_in_a_thread():
     t.join()
     assert errors == []
     assert all(r.ready_families == {1, 2} for r in runners)
+
+
+@pytest.mark.parametrize("seq_lens", [[5], [5, 9, 3]])
+def test_compiled_step_sees_weights_edited_in_place(seq_lens):
+    """The compiled step drops Dynamo's guards on the model's modules (GUARD_FILTER), not its view of
+    the weights: an in-place edit (as weight updates make) shows in the next step's logits, for
+    both shape families."""
+    from research_rt.cache.kv_pool import KVPool
+    from research_rt.executor.graph_runner import GUARD_FILTER, DecodeGraphRunner
+
+    assert GUARD_FILTER is torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    model = _ToyDecoder()
+    pool = KVPool(64 * len(seq_lens) + 1, 2, 1, 2, torch.float32, "cpu")
+    for k in pool.k_buffers:
+        k.zero_()
+    runner = DecodeGraphRunner(model, pool, TorchNativeAttnBackend(), 4, torch.device("cpu"), False)
+    runner.warm_up()
+    batch = _decode_batch(seq_lens)
+    ids = batch.input_ids
+    with torch.no_grad():
+        before = runner.run(batch)
+        torch.testing.assert_close(before, model.emb.weight[ids] @ model.emb.weight.T)
+        model.emb.weight.mul_(-2.0)
+        after = runner.run(batch)
+        torch.testing.assert_close(after, model.emb.weight[ids] @ model.emb.weight.T)
+    assert not torch.allclose(before, after)
