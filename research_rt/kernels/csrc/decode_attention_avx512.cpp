@@ -60,25 +60,18 @@ inline bool fast_path_fits(int64_t D, bool bf16) {
 // (unrolled; a loop over D's two vectors of SmolLM2's 64 spent ~30% of the op on its counter).
 template <int ND>
 inline __m512 dot_lanes(const float* q, const float* k, int64_t D) {
+  const int64_t n = ND > 0 ? ND : D / 16;
   __m512 a = _mm512_setzero_ps();
-  if constexpr (ND > 0) {
-    for (int x = 0; x < ND; ++x) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * x), _mm512_loadu_ps(k + 16 * x), a);
-  } else {
-    for (int64_t x = 0; x < D; x += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + x), _mm512_loadu_ps(k + x), a);
-  }
+  for (int64_t x = 0; x < n; ++x) a = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * x), _mm512_loadu_ps(k + 16 * x), a);
   return a;
 }
 template <int ND>
 inline __m512 dot_lanes(const at::BFloat16* q, const at::BFloat16* k, int64_t D) {
 #if defined(__AVX512BF16__)
+  const int64_t n = ND > 0 ? ND : D / 32;
   __m512 a = _mm512_setzero_ps();
-  if constexpr (ND > 0) {
-    for (int x = 0; x < ND; ++x)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + 32 * x), (__m512bh)_mm512_loadu_si512(k + 32 * x));
-  } else {
-    for (int64_t x = 0; x < D; x += 32)
-      a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + x), (__m512bh)_mm512_loadu_si512(k + x));
-  }
+  for (int64_t x = 0; x < n; ++x)
+    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + 32 * x), (__m512bh)_mm512_loadu_si512(k + 32 * x));
   return a;
 #else
   return _mm512_setzero_ps();  // unreachable: fast_path_fits is false for bfloat16 without AVX512-BF16
@@ -197,17 +190,16 @@ inline void accumulate_values(int64_t G, float* acc, const float* probs, const T
 template <typename T>
 inline void load_rows(const T* kh, const T* vh, const int64_t* slots, int64_t t0, int64_t t1, int64_t slot_stride,
                       int64_t span_bytes) {
-  for (int64_t t = t0; t < t1; ++t) {
-    const char* kr = reinterpret_cast<const char*>(kh + slots[t] * slot_stride);
-    const char* vr = reinterpret_cast<const char*>(vh + slots[t] * slot_stride);
+  const auto load = [span_bytes](const T* row) {
+    const char* p = reinterpret_cast<const char*>(row);
     for (int64_t off = 0; off < span_bytes; off += 64) {
-      const __m512i x = _mm512_loadu_si512(kr + off);
+      const __m512i x = _mm512_loadu_si512(p + off);
       asm volatile("" : : "v"(x));  // keep the load; its value is not needed
     }
-    for (int64_t off = 0; off < span_bytes; off += 64) {
-      const __m512i x = _mm512_loadu_si512(vr + off);
-      asm volatile("" : : "v"(x));
-    }
+  };
+  for (int64_t t = t0; t < t1; ++t) {
+    load(kh + slots[t] * slot_stride);
+    load(vh + slots[t] * slot_stride);
   }
 }
 
