@@ -75,12 +75,6 @@ struct Problem {
 
 inline float bf16_to_float(uint16_t x) { return c10::BFloat16(x, c10::BFloat16::from_bits()); }
 
-// 16 bfloat16 values widened to float32
-inline __m512 widen16(const uint16_t* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-
 // kPairs: the lane of row r inside the interleaved probability pairs (VPUNPCK{L,H}WD of 256 bits).
 inline int prob_lane(int r) {
   const int n = r / 16, l = r % 16;
@@ -313,7 +307,7 @@ inline void stage_block(Scratch<D>& w, const uint16_t* const* vrow) {
     }
   } else {
     for (int t = 0; t < kKeys; ++t)
-      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.vf[t][16 * c], widen16(vrow[t] + 16 * c));
+      for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.vf[t][16 * c], load16(vrow[t] + 16 * c));
   }
 }
 
@@ -352,7 +346,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
       krow[t] = kh + slot * p.slot_stride;
       vrow[t] = vh + slot * p.slot_stride;
       if constexpr (P == Products::kFloat)
-        for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.kf[t][16 * c], widen16(krow[t] + 16 * c));
+        for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.kf[t][16 * c], load16(krow[t] + 16 * c));
       if constexpr (P == Products::kTiles) std::memcpy(w.kb[t], krow[t], D * 2);
     }
     block_scores<D, NR, P>(w, krow, scale);

@@ -3,16 +3,18 @@
 
 #if defined(__AVX512F__)
 #include <c10/util/BFloat16.h>
+#include <cstdint>
 #include <immintrin.h>
 
 namespace research_rt {
 
-// 16 consecutive elements as float32 (bfloat16 widened exactly)
+// 16 consecutive elements as float32 (bfloat16, or its raw bits as uint16_t, widened exactly)
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
+inline __m512 load16(const uint16_t* p) {
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
+inline __m512 load16(const c10::BFloat16* p) { return load16(reinterpret_cast<const uint16_t*>(p)); }
 
 // e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
 // error ~1e-7 there), times 2^n by VSCALEFPS. Lanes below -87.3 give ~1e-38 (callers mask them).
