@@ -10,7 +10,9 @@ from research_rt.kernels.build import (
     extend_attention_products,
     gemv_op,
     rms_norm_op,
+    rotary_op,
     silu_mul_op,
+    store_rows_op,
 )
 
 __all__ = [
@@ -22,5 +24,7 @@ __all__ = [
     "extend_attention_products",
     "gemv_op",
     "rms_norm_op",
+    "rotary_op",
     "silu_mul_op",
+    "store_rows_op",
 ]

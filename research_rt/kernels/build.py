@@ -1,7 +1,7 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `rms_norm_op()` and
-`silu_mul_op()` return `torch.ops.research_rt.<name>` once the extension has been compiled and loaded,
+`argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `rms_norm_op()`,
+`rotary_op()`, `silu_mul_op()` and `store_rows_op()` return `torch.ops.research_rt.<name>` once the extension has been compiled and loaded,
 or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
@@ -66,9 +66,17 @@ def _load() -> bool:
     def _(x, weight, eps):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("research_rt::rotary")
+    def _(positions, q, k, cos, sin):
+        return q.new_empty(q.shape), k.new_empty(k.shape)
+
     @torch.library.register_fake("research_rt::silu_mul")
     def _(x):
         return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+    @torch.library.register_fake("research_rt::store_rows")
+    def _(buf, slots, rows):
+        return None
 
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
@@ -141,10 +149,22 @@ def rms_norm_op():
     return torch.ops.research_rt.rms_norm if _loaded() else None
 
 
+def rotary_op():
+    """`research_rt::rotary` (csrc/rotary.cpp): models/layers/rotary.py's rotation of q and k in one
+    pass, with the same roundings, for eager float32/bfloat16 CPU code; or None."""
+    return torch.ops.research_rt.rotary if _loaded() else None
+
+
 def silu_mul_op():
     """`research_rt::silu_mul` (csrc/rms_norm_silu.cpp): silu(gate) * up of a fused gate_up
     projection in one pass, for eager float32/bfloat16 CPU code; or None."""
     return torch.ops.research_rt.silu_mul if _loaded() else None
+
+
+def store_rows_op():
+    """`research_rt::store_rows` (csrc/store_rows.cpp): `buf.index_copy_(0, slots, rows)` as one
+    memcpy per row, for eager CPU code writing K/V rows into the pool; or None."""
+    return torch.ops.research_rt.store_rows if _loaded() else None
 
 
 def gemv_op():

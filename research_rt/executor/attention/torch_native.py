@@ -24,7 +24,23 @@ from research_rt.kernels import (
     decode_attention_vectorized,
     extend_attention_op,
     extend_attention_products,
+    store_rows_op,
 )
+
+
+def store_kv(
+    k_buf: torch.Tensor, v_buf: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """k_buf[slots] = k and v_buf[slots] = v: the C++ `store_rows` op in eager CPU code (one memcpy
+    per row; ATen's index_copy_ goes element by element), `index_copy_` in compiled graphs."""
+    eager = not (torch.compiler.is_compiling() or torch.is_grad_enabled())
+    op = store_rows_op() if eager and k_buf.device.type == "cpu" else None
+    if op is not None:
+        op(k_buf, slots, k.to(k_buf.dtype))
+        op(v_buf, slots, v.to(v_buf.dtype))
+        return
+    k_buf.index_copy_(0, slots, k.to(k_buf.dtype))
+    v_buf.index_copy_(0, slots, v.to(v_buf.dtype))
 
 
 @dataclass
@@ -128,8 +144,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         pool = batch.kv_pool
         k_buf = pool.k_buffers[layer.layer_id]
         v_buf = pool.v_buffers[layer.layer_id]
-        k_buf.index_copy_(0, batch.out_cache_loc, k.to(k_buf.dtype))
-        v_buf.index_copy_(0, batch.out_cache_loc, v.to(v_buf.dtype))
+        store_kv(k_buf, v_buf, batch.out_cache_loc, k, v)
 
         if batch.mode is ForwardMode.DECODE:
             return self._decode(q, k_buf, v_buf, layer, batch)

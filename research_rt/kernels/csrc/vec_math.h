@@ -1,9 +1,21 @@
-// Vector math shared by the AVX-512 kernels.
+// Math shared by the CPU kernels: scalar casts, then the AVX-512 vector helpers.
 #pragma once
 
-#if defined(__AVX512F__)
 #include <c10/util/BFloat16.h>
 #include <cstdint>
+#include <type_traits>
+
+namespace research_rt {
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+// v rounded to T and back: the value a cast to T leaves
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+}  // namespace research_rt
+
+#if defined(__AVX512F__)
 #include <immintrin.h>
 
 namespace research_rt {
@@ -15,6 +27,26 @@ inline __m512 load16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 inline __m512 load16(const c10::BFloat16* p) { return load16(reinterpret_cast<const uint16_t*>(p)); }
+
+// 16 float32 values to bfloat16 bits, rounded to nearest even as c10::BFloat16 does (denormals and
+// NaN kept, NaN as 0x7fc0; VCVTNEPS2BF16 would flush denormals), and stores that round the same way
+inline __m256i bf16_bits(__m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
+}
+// v as a cast to T leaves it (float32: unchanged)
+template <typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits(v)), 16));
+}
 
 // e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
 // error ~1e-7 there), times 2^n by VSCALEFPS. Lanes below -87.3 give ~1e-38 (callers mask them).
