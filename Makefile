@@ -101,17 +101,20 @@ $(PEERS_BF16): benchmarks/peers_bf16_gguf.py | $(VENV)/.installed $(PEERS)/llama
 $(PEERS_HF)/config.json: benchmarks/peers_hf_dir.py | $(VENV)/.installed
 	$(PY) -m benchmarks.peers_hf_dir $(PEERS_HF)
 
-# A peer that fails ('-': make goes on) leaves its rows out of the table; research_rt's run must pass.
+# Workload by workload, each on every engine in turn, so the engines a target compares run minutes
+# apart. A peer that fails (make goes on) leaves its figures out of the table; research_rt's must pass.
 bench-peers: install $(PEERS)/llama/.installed $(PEERS)/vllm/.installed $(PEERS_BF16) $(PEERS_HF)/config.json
 	mkdir -p $(PEERS_OUT)
 	rm -f $(PEERS_OUT)/bench_peers_*.json
 	$(PY) -m benchmarks.peers_workloads $(PEERS_OUT)/peers_workloads.json
-	$(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --json $(PEERS_OUT)/bench_peers_research_rt.json
-	-$(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama.json
-	-tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
-	VLLM_CPU_KVCACHE_SPACE=$(VLLM_CPU_KVCACHE_SPACE) VLLM_CPU_OMP_THREADS_BIND=$(VLLM_CPU_OMP_THREADS_BIND) \
-	$(VLLM_PY) benchmarks/bench_peers_vllm.py $(PEERS_HF) $(PEERS_OUT)/peers_workloads.json --json $(PEERS_OUT)/bench_peers_vllm.json
-	$(PY) benchmarks/peers_table.py $(PEERS_OUT)/bench_peers_research_rt.json $(PEERS_OUT)/bench_peers_llama.json $(PEERS_OUT)/bench_peers_vllm.json --md $(PEERS_OUT)/bench_peers_table.md
+	for w in w1 w2 w3; do \
+	  $(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_research_rt_$$w.json || exit 1; \
+	  $(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --only $$w --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama_$$w.json || echo "llama.cpp failed on $$w"; \
+	  tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
+	  VLLM_CPU_KVCACHE_SPACE=$(VLLM_CPU_KVCACHE_SPACE) VLLM_CPU_OMP_THREADS_BIND=$(VLLM_CPU_OMP_THREADS_BIND) \
+	  $(VLLM_PY) benchmarks/bench_peers_vllm.py $(PEERS_HF) $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_vllm_$$w.json || echo "vLLM failed on $$w"; \
+	done
+	$(PY) benchmarks/peers_table.py $(foreach e,research_rt llama vllm,$(foreach w,w1 w2 w3,$(PEERS_OUT)/bench_peers_$(e)_$(w).json)) --md $(PEERS_OUT)/bench_peers_table.md
 
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments

@@ -17,7 +17,7 @@ Warm-up: W1 as in the shared code; W2 one prompt (llama.cpp compiles nothing and
 shape-dependent warm-up; the whole W2 twice would add minutes); W3 the whole workload.
 
 .peers/llama/bin/python benchmarks/bench_peers.py WORKLOADS.json --gguf bf16=PATH --gguf q4_1=PATH
-    [--json OUT.json]
+    [--json OUT.json] [--only w1,w2,w3]
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import argparse
 import os
 
 import llama_cpp
-from peers_workloads import batch_figures, load, report, save, w1_figures
+from peers_workloads import add_only_argument, figures, load, report, save, selected
 
 
 def generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> list[int]:
@@ -39,7 +39,7 @@ def generate(llm: llama_cpp.Llama, prompt: list[int], new_tokens: int) -> list[i
     return out
 
 
-def bench(path: str, work: dict, threads: int) -> dict:
+def bench(path: str, work: dict, threads: int, names: list[str]) -> dict:
     llm = llama_cpp.Llama(
         model_path=path, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
     )
@@ -47,10 +47,7 @@ def bench(path: str, work: dict, threads: int) -> dict:
     def run(prompts: list[list[int]], n: int) -> list[list[int]]:
         return [generate(llm, p, n) for p in prompts]
 
-    row = w1_figures(lambda ids, n: generate(llm, ids, n), work)
-    row |= batch_figures("w2", run, llm.reset, work, warmup_prompts=1)
-    row |= batch_figures("w3", run, llm.reset, work)
-    return row
+    return figures(names, lambda ids, n: generate(llm, ids, n), run, llm.reset, work, w2_warmup_prompts=1)
 
 
 def main() -> None:
@@ -59,15 +56,16 @@ def main() -> None:
     parser.add_argument("--gguf", action="append", default=[], help="NAME=PATH; repeatable")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    add_only_argument(parser)
     args = parser.parse_args()
-    work = load(args.workloads)
+    work, names = load(args.workloads), selected(args.only)
     rows = {}
     print(f"llama-cpp-python {llama_cpp.__version__}, {args.threads} threads", flush=True)
     for spec in args.gguf:
         name, path = spec.split("=", 1)
         if not os.path.exists(path):
             raise SystemExit(f"llama.cpp {name}: missing {path}")
-        r = bench(path, work, args.threads)
+        r = bench(path, work, args.threads, names)
         r["version"] = llama_cpp.__version__
         rows[f"llama.cpp {name}"] = r
         report(f"llama.cpp {name}", r)

@@ -2,20 +2,20 @@
 prefix), from the token ids of benchmarks/peers_workloads.py, timed by that file's shared code.
 
 One `Engine` (bfloat16, decode step compiled before serving: the compile-bf16 config of
-bench_single_stream.py) runs all three; the prefix cache is flushed before each timed W2/W3 run, so the
+bench_single_stream.py) runs the workloads asked for (`--only`, default all three); the prefix cache is flushed before each timed W2/W3 run, so the
 W3 prefix is computed once inside the timed run, as in every peer.
 
-.venv/bin/python -m benchmarks.bench_peers_research_rt WORKLOADS.json [--json OUT.json]
+.venv/bin/python -m benchmarks.bench_peers_research_rt WORKLOADS.json [--json OUT.json] [--only w1,w2,w3]
 """
 
 from __future__ import annotations
 
 import argparse
 
-from benchmarks.peers_workloads import batch_figures, load, report, save, w1_figures
+from benchmarks.peers_workloads import add_only_argument, figures, load, report, save, selected
 
 
-def bench(work: dict) -> dict:
+def bench(work: dict, names: list[str]) -> dict:
     import research_rt
 
     with research_rt.Engine(
@@ -30,9 +30,7 @@ def bench(work: dict) -> dict:
         def reset() -> None:
             assert e.flush_cache(), "flush_cache refused"
 
-        row = w1_figures(lambda ids, n: run([ids], n)[0], work)
-        row |= batch_figures("w2", run, reset, work)
-        row |= batch_figures("w3", run, reset, work)
+        row = figures(names, lambda ids, n: run([ids], n)[0], run, reset, work)
         e.check_pool_integrity()
     return row
 
@@ -41,8 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("workloads")
     parser.add_argument("--json", default=None)
+    add_only_argument(parser)
     args = parser.parse_args()
-    row = bench(load(args.workloads))
+    row = bench(load(args.workloads), selected(args.only))
     report("research_rt compile-bf16", row)
     save(args.json, {"research_rt compile-bf16": row})
 

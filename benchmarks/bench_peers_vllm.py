@@ -12,7 +12,7 @@ cores of VLLM_CPU_OMP_THREADS_BIND, libiomp5 (and tcmalloc where installed) in L
 Makefile sets these), `max_num_seqs` 64 so W2's 64 prompts decode in one batch, and
 `max_num_batched_tokens` 4096 (chunked prefill: prefill chunks of up to 4096 tokens a step).
 
-.peers/vllm/bin/python benchmarks/bench_peers_vllm.py MODEL_DIR WORKLOADS.json [--json OUT.json]
+.peers/vllm/bin/python benchmarks/bench_peers_vllm.py MODEL_DIR WORKLOADS.json [--json OUT.json] [--only w1,w2,w3]
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 
-from peers_workloads import batch_figures, load, report, save, w1_figures
+from peers_workloads import add_only_argument, figures, load, report, save, selected
 
 
-def bench(model: str, work: dict, max_num_batched_tokens: int) -> dict:
+def bench(model: str, work: dict, max_num_batched_tokens: int, names: list[str]) -> dict:
     import vllm
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -46,9 +46,7 @@ def bench(model: str, work: dict, max_num_batched_tokens: int) -> dict:
     def reset() -> None:
         assert llm.reset_prefix_cache(), "reset_prefix_cache refused"
 
-    row = w1_figures(lambda ids, n: run([ids], n)[0], work)
-    row |= batch_figures("w2", run, reset, work)
-    row |= batch_figures("w3", run, reset, work)
+    row = figures(names, lambda ids, n: run([ids], n)[0], run, reset, work)
     row["version"] = vllm.__version__
     return row
 
@@ -59,12 +57,13 @@ def main() -> None:
     parser.add_argument("workloads")
     parser.add_argument("--max-num-batched-tokens", type=int, default=4096)
     parser.add_argument("--json", default=None)
+    add_only_argument(parser)
     args = parser.parse_args()
     env = {
         k: os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD")
     }
     print(f"vLLM environment: {env}", flush=True)
-    row = bench(args.model, load(args.workloads), args.max_num_batched_tokens)
+    row = bench(args.model, load(args.workloads), args.max_num_batched_tokens, selected(args.only))
     report(f"vLLM {row['version']} bf16", row)
     save(args.json, {"vLLM CPU bf16": row})
 

@@ -1,10 +1,11 @@
 """One side-by-side table of the `make bench-peers` results, and research_rt against its targets.
 
 Reads the JSON files that bench_peers_research_rt.py, bench_peers.py (llama.cpp) and
-bench_peers_vllm.py wrote in the same invocation (standard library only). A missing file is reported
-and its engine left out. Targets (the issue's): W1 >= 1.3x llama.cpp BF16; W2 and W3 faster than vLLM.
+bench_peers_vllm.py wrote in the same invocation (standard library only), one per engine and workload
+(`--only`): an engine's figures from several files are joined. A missing file is reported and its
+figures left out ("-"). Targets (the issue's): W1 >= 1.3x llama.cpp BF16; W2 and W3 faster than vLLM.
 
-python benchmarks/peers_table.py OUT/research_rt.json OUT/llama.json OUT/vllm.json [--md TABLE.md]
+python benchmarks/peers_table.py OUT/bench_peers_*.json [--md TABLE.md]
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ def table(rows: dict[str, dict]) -> list[str]:
     ]
     for name, r in rows.items():
         same = " / ".join(
-            f"{common_prefix(r[k], ref[k])}/{len(ref[k])}" if k in ref else "-"
+            f"{common_prefix(r[k], ref[k])}/{len(ref[k])}" if k in ref and k in r else "-"
             for k in ("w1_ids", "w2_ids0", "w3_ids0")
         )
-        lines.append(
-            f"| {name} | {r['w1_decode_tok_s']:.1f} | {r['w1_e2e_tok_s']:.1f} | "
-            f"{r['w2_s']:.1f} ({r['w2_tok_s']:.0f}) | {r['w3_s']:.2f} ({r['w3_tok_s']:.0f}) | {same} |"
-        )
+        w1 = [f"{r[k]:.1f}" if k in r else "-" for k in ("w1_decode_tok_s", "w1_e2e_tok_s")]
+        w2 = f"{r['w2_s']:.1f} ({r['w2_tok_s']:.0f})" if "w2_s" in r else "-"
+        w3 = f"{r['w3_s']:.2f} ({r['w3_tok_s']:.0f})" if "w3_s" in r else "-"
+        lines.append(f"| {name} | {w1[0]} | {w1[1]} | {w2} | {w3} | {same} |")
     return lines
 
 
@@ -53,7 +54,7 @@ def targets(rows: dict[str, dict]) -> list[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "MISSED"
 
-    if llama:
+    if llama and "w1_decode_tok_s" in llama and "w1_decode_tok_s" in ours:
         d = ours["w1_decode_tok_s"] / llama["w1_decode_tok_s"]
         e = ours["w1_e2e_tok_s"] / llama["w1_e2e_tok_s"]
         out.append(
@@ -61,7 +62,7 @@ def targets(rows: dict[str, dict]) -> list[str]:
             f"(target >= 1.3x: {verdict(min(d, e) >= 1.3)})"
         )
     if vllm:
-        for w in ("w2", "w3"):
+        for w in (w for w in ("w2", "w3") if f"{w}_s" in vllm and f"{w}_s" in ours):
             r = vllm[f"{w}_s"] / ours[f"{w}_s"]
             out.append(
                 f"{w.upper()} research_rt {ours[f'{w}_s']:.2f} s vs vLLM {vllm[f'{w}_s']:.2f} s: "
@@ -78,10 +79,11 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for path in args.files:
         if not os.path.exists(path):
-            print(f"missing {path}: its engine is left out")
+            print(f"missing {path}: its figures are left out")
             continue
         with open(path) as f:
-            rows |= json.load(f)
+            for name, row in json.load(f).items():
+                rows.setdefault(name, {}).update(row)
     lines = table(rows) + [""] + targets(rows)
     print("\n".join(lines))
     if args.md:

@@ -10,8 +10,11 @@ every engine gets exactly the same tokens:
   w3  shared prefix: 32 prompts = one 1024-token prefix + 32-token suffixes (`shared_prefix_prompts()`,
       as in bench_offline.py), 32 new tokens each
 
-Greedy, EOS ignored, everywhere. Everything below `build()` uses only the standard library, so the
-peers' scripts import this file too and every engine is timed by the same code:
+Greedy, EOS ignored, everywhere. `make bench-peers` runs the workloads one at a time, each on every
+engine in turn (`--only`), so the engines a target compares run minutes apart rather than a quarter of
+an hour (this VM's speed drifts by up to a third over that); peers_table.py joins the figures.
+Everything below `build()` uses only the standard library, so the peers' scripts import this file too
+and every engine is timed by the same code:
   W1: best of `runs` (after a warm-up) of a 1-token and an N-token generation of the same prompt (its
       prefix cached by then in every engine): end-to-end tok/s = N / t(N), decode tok/s =
       (N - 1) / (t(N) - t(1)), i.e. the prompt and first token taken out.
@@ -40,6 +43,40 @@ def build() -> dict:
         "w2": {"prompts": random_prompts(tok, 64, 32, 512, seed=0), "new_tokens": 128},
         "w3": {"prompts": shared_prefix_prompts(), "new_tokens": 32},
     }
+
+
+WORKLOADS = ("w1", "w2", "w3")
+
+
+def add_only_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads to run")
+
+
+def selected(only: str) -> list[str]:
+    names = [w for w in only.split(",") if w]
+    unknown = sorted(set(names) - set(WORKLOADS))
+    if unknown or not names:
+        raise SystemExit(f"--only takes a comma-separated subset of {','.join(WORKLOADS)}, got {only!r}")
+    return [w for w in WORKLOADS if w in names]
+
+
+def figures(
+    names: list[str],
+    generate: Callable[[list[int], int], list[int]],
+    run: Callable[[list[list[int]], int], list[list[int]]],
+    reset: Callable[[], None],
+    work: dict,
+    w2_warmup_prompts: int | None = None,
+) -> dict:
+    """The figures of the `names` workloads: W1 through `generate`, W2 and W3 through `run`."""
+    row: dict = {}
+    for name in names:
+        if name == "w1":
+            row |= w1_figures(generate, work)
+        else:
+            warmup = w2_warmup_prompts if name == "w2" else None
+            row |= batch_figures(name, run, reset, work, warmup_prompts=warmup)
+    return row
 
 
 def load(path: str) -> dict:
@@ -88,12 +125,12 @@ def batch_figures(
 
 
 def report(name: str, row: dict) -> None:
-    """One engine's figures on one line, as every peer script prints them."""
-    print(
-        f"{name}: W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s, "
-        f"W2 {row['w2_s']:.1f} s, W3 {row['w3_s']:.2f} s",
-        flush=True,
-    )
+    """One engine's figures (those it ran) on one line, as every peer script prints them."""
+    parts = []
+    if "w1_decode_tok_s" in row:
+        parts.append(f"W1 {row['w1_decode_tok_s']:.1f} / {row['w1_e2e_tok_s']:.1f} tok/s")
+    parts += [f"{w.upper()} {row[f'{w}_s']:.2f} s" for w in ("w2", "w3") if f"{w}_s" in row]
+    print(f"{name}: " + ", ".join(parts), flush=True)
 
 
 def save(path: str | None, rows: dict[str, dict]) -> None:
