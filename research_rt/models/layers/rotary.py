@@ -71,5 +71,10 @@ class RotaryEmbedding(nn.Module):
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    """cat(-x[.., D/2:], x[.., :D/2]) as a flip of the two halves times (-1, 1): the same values
+    (both exact; NaN payloads aside), but Inductor reads the flip as index arithmetic inside the
+    rotary kernel, where the cat's halves were views the step's Python wrapper built each call (180
+    `reinterpret_tensor` calls a SmolLM2 decode step before, 60 after)."""
+    halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2)
+    sign = torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device)
+    return (halves * sign).flatten(-2)
