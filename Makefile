@@ -101,18 +101,26 @@ $(PEERS_BF16): benchmarks/peers_bf16_gguf.py | $(VENV)/.installed $(PEERS)/llama
 $(PEERS_HF)/config.json: benchmarks/peers_hf_dir.py | $(VENV)/.installed
 	$(PY) -m benchmarks.peers_hf_dir $(PEERS_HF)
 
-# Workload by workload, each on every engine in turn, so the engines a target compares run minutes
-# apart. A peer that fails (make goes on) leaves its figures out of the table; research_rt's must pass.
+# Workload by workload, each on every engine in turn, research_rt first and then the peer its target
+# names (llama.cpp for W1, vLLM for W2 and W3), so the two run back to back: this VM's speed drifts by
+# up to a third within minutes. A peer that fails (make goes on) leaves its figures out of the table;
+# research_rt's must pass.
 bench-peers: install $(PEERS)/llama/.installed $(PEERS)/vllm/.installed $(PEERS_BF16) $(PEERS_HF)/config.json
 	mkdir -p $(PEERS_OUT)
 	rm -f $(PEERS_OUT)/bench_peers_*.json
 	$(PY) -m benchmarks.peers_workloads $(PEERS_OUT)/peers_workloads.json
 	for w in w1 w2 w3; do \
 	  $(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_research_rt_$$w.json || exit 1; \
-	  $(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --only $$w --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama_$$w.json || echo "llama.cpp failed on $$w"; \
-	  tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
-	  VLLM_CPU_KVCACHE_SPACE=$(VLLM_CPU_KVCACHE_SPACE) VLLM_CPU_OMP_THREADS_BIND=$(VLLM_CPU_OMP_THREADS_BIND) \
-	  $(VLLM_PY) benchmarks/bench_peers_vllm.py $(PEERS_HF) $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_vllm_$$w.json || echo "vLLM failed on $$w"; \
+	  case $$w in w1) peers="llama vllm";; *) peers="vllm llama";; esac; \
+	  for p in $$peers; do \
+	    if [ $$p = llama ]; then \
+	      $(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --only $$w --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama_$$w.json || echo "llama.cpp failed on $$w"; \
+	    else \
+	      tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
+	      VLLM_CPU_KVCACHE_SPACE=$(VLLM_CPU_KVCACHE_SPACE) VLLM_CPU_OMP_THREADS_BIND=$(VLLM_CPU_OMP_THREADS_BIND) \
+	      $(VLLM_PY) benchmarks/bench_peers_vllm.py $(PEERS_HF) $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_vllm_$$w.json || echo "vLLM failed on $$w"; \
+	    fi; \
+	  done; \
 	done
 	$(PY) benchmarks/peers_table.py $(foreach e,research_rt llama vllm,$(foreach w,w1 w2 w3,$(PEERS_OUT)/bench_peers_$(e)_$(w).json)) --md $(PEERS_OUT)/bench_peers_table.md
 
