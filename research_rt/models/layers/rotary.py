@@ -50,6 +50,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+        self.register_buffer("half_sign", torch.tensor([[-1.0], [1.0]]), persistent=False)  # _rotate_half
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -61,7 +62,8 @@ class RotaryEmbedding(nn.Module):
                 return op(positions, q, k, self.cos, self.sin)
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        sign = self.half_sign.to(q.dtype)
+        return q * cos + _rotate_half(q, sign) * sin, k * cos + _rotate_half(k, sign) * sin
 
     def _eager_cpu(self, q: torch.Tensor, k: torch.Tensor) -> bool:
         """Whether this is eager inference on CPU tensors the op takes (else the PyTorch code)."""
@@ -70,11 +72,10 @@ class RotaryEmbedding(nn.Module):
         return q.dtype in _OP_DTYPES and k.dtype == q.dtype and self.cos.dtype == torch.float32
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """cat(-x[.., D/2:], x[.., :D/2]) as a flip of the two halves times (-1, 1): the same values
-    (both exact; NaN payloads aside), but Inductor reads the flip as index arithmetic inside the
-    rotary kernel, where the cat's halves were views the step's Python wrapper built each call (180
-    `reinterpret_tensor` calls a SmolLM2 decode step before, 60 after)."""
-    halves = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2)
-    sign = torch.tensor([[-1.0], [1.0]], dtype=x.dtype, device=x.device)
-    return (halves * sign).flatten(-2)
+def _rotate_half(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """cat(-x[.., D/2:], x[.., :D/2]) as a flip of the two halves times sign = [[-1], [1]] (x's
+    dtype, on its device): the same values (both exact; NaN payloads aside), but Inductor reads the
+    flip as index arithmetic inside the rotary kernel, where the cat's halves were views the step's
+    Python wrapper built each call (180 `reinterpret_tensor` calls a SmolLM2 decode step before, 60
+    after)."""
+    return (x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2) * sign).flatten(-2)
