@@ -1,8 +1,9 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
 `argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `rms_norm_op()`,
-`rotary_op()`, `silu_mul_op()` and `store_rows_op()` return `torch.ops.research_rt.<name>` once the extension has been compiled and loaded,
-or None: no compiler, a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
+`rotary_op()`, `silu_mul_op()` and `store_rows_op()` return `torch.ops.research_rt.<name>` once the
+extension has been compiled and loaded, or None: no compiler, a failed build, or
+`RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
 capability (the code is built with -march=native), so later starts only load it (`make install`

@@ -6,10 +6,11 @@
 // apply_rotary_pos_emb): each of the two products and their sum is rounded to x's dtype, the tables
 // once to it, so the op's results equal the eager ATen ops' bit for bit in float32 and bfloat16, NaN
 // payloads aside (the float32 products and sum use explicit-rounding intrinsics, which the compiler
-// cannot fuse into an FMA). Eager ATen ran it as ~14 ops (two gathers and casts, and per tensor neg, cat, two muls, add):
-// 342 us for one 512-token chunk of SmolLM2 (9 + 3 heads of 64) against ~20 us here (2 threads, AMD
-// EPYC Zen 5; RESULTS.md). q and k may be views into a fused qkv row (any token stride, heads
-// contiguous); the results are contiguous. Compiled graphs keep the PyTorch code, which Inductor fuses.
+// cannot fuse into an FMA). Eager ATen ran it as ~14 ops (two gathers and casts of the tables, and per
+// tensor neg, cat, two muls, add): 342-634 us for one 512-token chunk of SmolLM2 (9 + 3 heads of 64,
+// bfloat16) against 116-137 us here, memory-bound (2 threads, AMD EPYC Zen 5 in a slow phase;
+// RESULTS.md). q and k may be views into a fused qkv row (any token stride, heads contiguous); the
+// results are contiguous. Compiled graphs keep the PyTorch code, which Inductor fuses.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

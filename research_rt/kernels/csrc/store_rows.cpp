@@ -1,9 +1,10 @@
 // Writing a forward's new K or V rows into the token pool, for eager CPU prefill:
 //   research_rt::store_rows(buf [S, ...], slots [T], rows [T, ...]) : buf[slots[t]] = rows[t]
 // what `buf.index_copy_(0, slots, rows)` does, as one memcpy per row. ATen's index_copy_ walks the
-// rows element by element through its indexing loop: 40 us for a 512-token chunk of SmolLM2's K
-// (3 heads x 64, bfloat16) against ~7 us for a slice copy of the same bytes (2 threads, AMD EPYC Zen
-// 5; RESULTS.md), twice a layer in every prefill chunk. Any dtype; slots are checked against the pool.
+// rows element by element through its indexing loop: 34 us for a 512-token chunk of SmolLM2's K
+// (3 heads x 64, bfloat16) into a pool whose pages are mapped, against 5 us here (2 threads, AMD EPYC
+// Zen 5; RESULTS.md), twice a layer in every prefill chunk. Any dtype; slots are checked against the
+// pool.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
