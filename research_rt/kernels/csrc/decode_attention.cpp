@@ -20,18 +20,13 @@
 #include <limits>
 #include <vector>
 
+#include "vec_math.h"
 
 namespace {
 
 constexpr int64_t kBlock = 32;  // keys per online-softmax update
 
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof(f));
-  return f;
-}
+using research_rt::to_float;  // vec_math.h
 
 inline void load_row(const float* src, float* dst, int64_t d) { std::memcpy(dst, src, d * sizeof(float)); }
 inline void load_row(const at::BFloat16* src, float* dst, int64_t d) {
