@@ -2,8 +2,9 @@
 prefix), from the token ids of benchmarks/peers_workloads.py, timed by that file's shared code.
 
 One `Engine` (bfloat16, decode step compiled before serving: the compile-bf16 config of
-bench_single_stream.py) runs the workloads asked for (`--only`, default all three); the prefix cache is flushed before each timed W2/W3 run, so the
-W3 prefix is computed once inside the timed run, as in every peer.
+bench_single_stream.py) runs the workloads asked for (`--only`, default all three); the prefix cache
+is flushed before each timed W2/W3 run, so the W3 prefix is computed once inside the timed run, as in
+every peer.
 
 .venv/bin/python -m benchmarks.bench_peers_research_rt WORKLOADS.json [--json OUT.json] [--only w1,w2,w3]
 """
