@@ -150,7 +150,7 @@ class ServerArgs:
 
     def resolved(self, environ: dict[str, str] | None = None) -> ServerArgs:
         """These args with the launch-time defaults filled in (idempotent): the device ("auto":
-        CUDA when present), chunked_prefill_size (2048 on CUDA, 512 on CPU), cuda_graph_max_bs,
+        CUDA when present), chunked_prefill_size (2048), cuda_graph_max_bs,
         enable_torch_compile (on for CPU, where the compiled decode step is 2-3x faster; off on
         CUDA, where CUDA graphs are the default, as in SGLang; RESEARCH_RT_TORCH_COMPILE=0/1 in the
         environment changes that default) and a random seed."""
@@ -164,7 +164,12 @@ class ServerArgs:
         if self.random_seed is None:
             changes["random_seed"] = random.randint(0, 1 << 30)
         if self.chunked_prefill_size is None:
-            changes["chunked_prefill_size"] = 2048 if device == "cuda" else 512
+            # 2048 on CPU too (SGLang's CPU deployments pass it): oneDNN's bfloat16 GEMMs over
+            # SmolLM2's linears run at ~381 GFLOP/s on 512 rows and ~417 on 1024-2048 (Zen 5, 2
+            # threads), so W2's prefill spent 8.7 s in them instead of 9.7 s; prefill goes first
+            # either way, so running decodes wait for a whole prompt whatever the chunk
+            # (benchmarks/RESULTS.md, "Prefill chunks of 2048 tokens on CPU").
+            changes["chunked_prefill_size"] = 2048
         if self.cuda_graph_max_bs is None:
             changes["cuda_graph_max_bs"] = 160
         if self.speculative_algorithm and self.speculative_num_draft_tokens is None:
