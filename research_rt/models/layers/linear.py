@@ -11,7 +11,10 @@ against oneDNN's 79 ms for all of SmolLM2's linears on the Zen 5 machine), and t
 to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
 (csrc/amx_linear.cpp), faster than both at every row count measured. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
 streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
-batches without the op use `F.linear`.
+batches without the op use `F.linear`, but an eager decode step (the model runner's, while the
+compiled step builds or with compile off) runs its linears through the op as the compiled step does
+(`decode_linears`): oneDNN's bfloat16 GEMM gives some rows of SmolLM2's down_proj (K = 1536) other
+bits at 16 rows and more than alone, so a request's greedy tokens could depend on its batch there.
 
 For Inductor's loop the row `x` is materialized first (`materialize`, an opaque copy): left to itself Inductor inlines
 x's producer into the weight loop and recomputes it for every output row — the SiLU before
@@ -20,6 +23,10 @@ made the batch-1 decode step 1.6x faster (16.2 -> 9.9 ms, SmolLM2-135M bfloat16)
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +55,21 @@ def _gemv_available() -> bool:
     return gemv_op() is not None
 
 
+_DECODE_STEP = contextvars.ContextVar("research_rt_decode_linears", default=False)
+
+
+@contextlib.contextmanager
+def decode_linears() -> Iterator[None]:
+    """Within this block (on this thread), eager linears take the gemv op as a compiled decode step
+    does, so each row gets the bits it would get alone. The model runner wraps eager DECODE
+    forwards in it; prefill keeps oneDNN's GEMM, faster at hundreds of rows."""
+    token = _DECODE_STEP.set(True)
+    try:
+        yield
+    finally:
+        _DECODE_STEP.reset(token)
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -55,11 +77,12 @@ def linear(
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias; a single row uses the weight-only kernel when the weight is `packed`
-    (see quant.py); under compile, the gemv op (or for one row without it, the streaming loop)."""
+    (see quant.py); under compile or in an eager decode step (`decode_linears`), the gemv op (or
+    for one row without it, under compile, the streaming loop)."""
     if packed is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
         out = packed.matmul(x)
         return out if bias is None else out + bias
-    if x.dim() == 2 and torch.compiler.is_compiling():
+    if x.dim() == 2 and (torch.compiler.is_compiling() or _DECODE_STEP.get()):
         if x.device.type == "cpu" and x.dtype == weight.dtype in _GEMV_DTYPES and _gemv_available():
             return torch.ops.research_rt.gemv(x, weight, bias)  # any rows (it picks its kernel)
     if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
