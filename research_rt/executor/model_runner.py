@@ -7,7 +7,6 @@ and returns logits for the rows the scheduler asked for.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -234,7 +233,7 @@ class ModelRunner:
         capture goes to their stores."""
         if self.runs_compiled(batch):
             return _select_rows(self.graph_runner.run(batch), logit_rows).float().cpu(), None
-        with decode_linears() if batch.mode is ForwardMode.DECODE else contextlib.nullcontext():
+        with decode_linears(batch.mode is ForwardMode.DECODE):
             hidden = self.model(batch.input_ids, batch.positions, batch)
         if batch.interventions is not None:
             collect_captures(batch.interventions, hidden, self.model)
@@ -290,9 +289,7 @@ class ModelRunner:
 
 def _make_expert_recorder(model: torch.nn.Module) -> ExpertDistributionRecorder | None:
     layer_ids = getattr(model, "moe_layer_ids", None)
-    if not layer_ids:
-        return None
-    return ExpertDistributionRecorder(layer_ids, model.num_experts)
+    return ExpertDistributionRecorder(layer_ids, model.num_experts) if layer_ids else None
 
 
 def _select_rows(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,11 @@
 // in float32, each row added into the G heads of its group by FMAs. The accumulators stay in
 // registers over the block. A work item is a request and all its KV heads (whole pool rows) when
 // there are enough requests; per KV head otherwise. Measured against Inductor's fused decode in
-// benchmarks/RESULTS.md. In bfloat16, a prefix that four or more requests share (the same slots)
-// goes first, once for the batch (decode_shared_prefix).
+// benchmarks/RESULTS.md. Every request runs this one pass, whatever its batch, so its output has the
+// same bits alone and in any batch. (A pass that multiplied a prefix shared by four or more requests
+// as matrices, once for the batch, made W3's decode attention 2.5x faster but summed in another
+// order: bfloat16 greedy tokens then depended on the batch; RESULTS.md, 2026-12-07.)
 #include "decode_attention.h"
-#include "extend_attention_kernel.h"
 #include "vec_math.h"
 
 #include <ATen/Parallel.h>
@@ -20,7 +21,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <unordered_map>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -203,18 +203,10 @@ inline void load_rows(const T* kh, const T* vh, const int64_t* slots, int64_t t0
   }
 }
 
-// Where a shared-prefix pass ran first: request b with row[b] >= 0 has its first `keys` visible keys
-// done, and its query head h's running max, sum and accumulator in state[(row[b] * H + h) * (D + 2)].
-struct PrefixState {
-  const float* state = nullptr;
-  const int64_t* row = nullptr;
-  int64_t keys = 0;
-};
-
 template <typename T, int ND>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
-                          at::Tensor& out, const PrefixState& done = {}) {
+                          at::Tensor& out) {
   const DecodeProblem<T> p(q, k_buf, v_buf, kv_indices, mask, out);
   const int64_t B = p.B, H = p.H, D = p.D, KVH = p.KVH, G = p.G, Lk = p.Lk;
   const int64_t slot_stride = p.slot_stride, head_stride = p.head_stride;
@@ -256,14 +248,7 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<float>::infinity());
       std::fill(run_sum.begin(), run_sum.end(), 0.f);
-      const int64_t start = done.state != nullptr && done.row[b] >= 0 ? done.keys : 0;
-      for (int64_t h = 0; start > 0 && h < HI; ++h) {
-        const float* st = done.state + (done.row[b] * H + g0 * G + h) * (D + 2);
-        run_max[h] = st[0];
-        run_sum[h] = st[1];
-        std::copy(st + 2, st + 2 + D, acc.begin() + h * D);
-      }
-      for (int64_t j0 = start; j0 < n_visible; j0 += kBlock) {
+      for (int64_t j0 = 0; j0 < n_visible; j0 += kBlock) {
         const int64_t n = std::min(kBlock, n_visible - j0);
         const int64_t* blk = slots.data() + j0;
         load_rows(kh, vh, slots.data(), j0, j0 + n, slot_stride, span_bytes);
@@ -323,88 +308,20 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
 // in bfloat16, 32 or 64 in float32)
 template <typename T>
 void run_decode(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf, const at::Tensor& kv_indices,
-                const at::Tensor& mask, double scale, at::Tensor& out, const PrefixState& done = {}) {
+                const at::Tensor& mask, double scale, at::Tensor& out) {
   constexpr int64_t width = 64 / sizeof(T);
   const int64_t D = q.size(2);
-  if (D == 2 * width) return decode_kernel_avx512<T, 2>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
-  if (D == 4 * width) return decode_kernel_avx512<T, 4>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
-  decode_kernel_avx512<T, 0>(q, k_buf, v_buf, kv_indices, mask, scale, out, done);
+  if (D == 2 * width) return decode_kernel_avx512<T, 2>(q, k_buf, v_buf, kv_indices, mask, scale, out);
+  if (D == 4 * width) return decode_kernel_avx512<T, 4>(q, k_buf, v_buf, kv_indices, mask, scale, out);
+  decode_kernel_avx512<T, 0>(q, k_buf, v_buf, kv_indices, mask, scale, out);
 }
 }  // namespace
-
-#if defined(__AVX512BF16__)
-constexpr int64_t kSharedMinBatch = 4, kSharedMinKeys = 128;
-
-// The requests that start in the batch's most common first slot (a prefix the radix cache shares)
-// and how many leading keys they all see in the same slots; no group below kSharedMinBatch requests.
-// Rows whose first key is the dummy slot 0 are the compiled step's padding: they take no part.
-struct SharedGroup {
-  std::vector<int64_t> rows;
-  int64_t keys = 0;
-};
-
-SharedGroup shared_group(const int64_t* idx, const bool* mask, int64_t B, int64_t Lk) {
-  std::unordered_map<int64_t, int64_t> starts;
-  int64_t first = 0, count = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t slot = idx[b * Lk];
-    if (slot != 0 && ++starts[slot] > count) {
-      first = slot;
-      count = starts[slot];
-    }
-  }
-  SharedGroup g;
-  if (count < kSharedMinBatch) return g;
-  for (int64_t b = 0; b < B; ++b)
-    if (idx[b * Lk] == first) g.rows.push_back(b);
-  const int64_t* lead = idx + g.rows[0] * Lk;
-  for (; g.keys < Lk; ++g.keys)
-    for (const int64_t b : g.rows)
-      if (!mask[b * Lk + g.keys] || idx[b * Lk + g.keys] != lead[g.keys]) return g;
-  return g;
-}
-
-// A shared prefix, once for its requests: its keys and values are read once for their query rows of
-// each KV head and multiplied as matrices (the extend op's kernel, rows in lanes), not once per
-// request as dot products; each request then goes on over its own keys from that state. One layer
-// of W3's batch, 32 requests after one 1024-token prefix: 0.58 ms against 1.46 ms (2.5x); 4 requests
-// sharing 128 keys are about even (benchmarks/RESULTS.md, 2026-12-06).
-bool decode_shared_prefix(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
-                          const at::Tensor& kv_indices, const at::Tensor& mask, double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KVH = k_buf.size(1), G = H / KVH, Lk = kv_indices.size(1);
-  if (G > extend::kRows || !extend::head_dim_supported(D)) return false;
-  const int64_t* idx = kv_indices.data_ptr<int64_t>();
-  const SharedGroup group = shared_group(idx, mask.data_ptr<bool>(), B, Lk);
-  if (group.keys < kSharedMinKeys) return false;
-  // the group's query rows side by side, as one "request" of n positions that see `keys` keys: its
-  // items (b = lead) read the slots in kv_indices[lead], q_start[lead] = 0 puts position i on row i
-  const int64_t n = static_cast<int64_t>(group.rows.size()), lead = group.rows[0];
-  at::Tensor q_group = q.index_select(0, at::tensor(group.rows, kv_indices.options()));
-  std::vector<float> state(n * H * (D + 2));
-  std::vector<int64_t> state_row(B, -1);
-  for (int64_t i = 0; i < n; ++i) state_row[group.rows[i]] = i;
-  std::vector<extend::Item> items;
-  extend::add_items(items, lead, n, group.keys, G, KVH, /*causal=*/false);
-  const std::vector<int64_t> q_start(lead + 1, 0), prefix(lead + 1, 0);
-  extend::Problem p{H, D, KVH, G, Lk, k_buf.stride(0), k_buf.stride(1),
-                    reinterpret_cast<const uint16_t*>(q_group.data_ptr()), reinterpret_cast<const uint16_t*>(k_buf.data_ptr()),
-                    reinterpret_cast<const uint16_t*>(v_buf.data_ptr()), idx, prefix.data(), q_start.data(),
-                    nullptr, static_cast<float>(scale), state.data()};
-  extend::run_items(p, items, /*products=*/0);
-  run_decode<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out,
-                                     {state.data(), state_row.data(), group.keys});
-  return true;
-}
-#endif
 
 bool decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                              const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
                              at::Tensor& out) {
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   if (!(bf16 || q.scalar_type() == at::kFloat) || !fast_path_fits(q.size(2), bf16)) return false;
-#if defined(__AVX512BF16__)
-  if (bf16 && decode_shared_prefix(q, k_buf, v_buf, kv_indices, mask, scale, out)) return true;
-#endif
   if (bf16) run_decode<at::BFloat16>(q, k_buf, v_buf, kv_indices, mask, scale, out);
   else run_decode<float>(q, k_buf, v_buf, kv_indices, mask, scale, out);
   return true;

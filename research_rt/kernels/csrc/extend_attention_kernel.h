@@ -67,10 +67,6 @@ struct Problem {
   const int64_t* q_start;
   uint16_t* out;
   float scale;
-  // null: each row's normalized output, rounded to bfloat16, into out[tok, head]; else its running
-  // max, sum and float32 accumulator into state[(tok * H + head) * (D + 2)] (a partial result that a
-  // later pass over more keys continues: decode_attention_avx512.cpp's shared prefix)
-  float* state = nullptr;
 };
 
 inline float bf16_to_float(uint16_t x) { return c10::BFloat16(x, c10::BFloat16::from_bits()); }
@@ -392,13 +388,6 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = p.q_start[it.b] + it.i0 + r / G, row = tok * p.H + it.h * G + r % G;
     const auto col = [&](int d) { return P == Products::kPairs ? w.col[d] : d; };
-    if (p.state != nullptr) {
-      float* st = p.state + row * (D + 2);
-      st[0] = w.m[r];
-      st[1] = w.l[r];
-      for (int d = 0; d < D; ++d) st[2 + d] = w.acc[r][col(d)];
-      continue;
-    }
     uint16_t* dst = p.out + row * D;
     const float inv = 1.f / w.l[r];  // > 0: every row sees key 0
     for (int d = 0; d < D; ++d) dst[d] = c10::BFloat16(w.acc[r][col(d)] * inv).x;

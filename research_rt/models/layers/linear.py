@@ -59,11 +59,12 @@ _DECODE_STEP = contextvars.ContextVar("research_rt_decode_linears", default=Fals
 
 
 @contextlib.contextmanager
-def decode_linears() -> Iterator[None]:
-    """Within this block (on this thread), eager linears take the gemv op as a compiled decode step
-    does, so each row gets the bits it would get alone. The model runner wraps eager DECODE
-    forwards in it; prefill keeps oneDNN's GEMM, faster at hundreds of rows."""
-    token = _DECODE_STEP.set(True)
+def decode_linears(enabled: bool = True) -> Iterator[None]:
+    """Within this block (on this thread), when `enabled`, eager linears take the gemv op as a
+    compiled decode step does, so each row gets the bits it would get alone. The model runner wraps
+    eager forwards in it, enabled for DECODE batches; prefill keeps oneDNN's GEMM, faster at hundreds
+    of rows."""
+    token = _DECODE_STEP.set(enabled)
     try:
         yield
     finally:
