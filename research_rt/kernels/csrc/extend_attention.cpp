@@ -47,7 +47,7 @@ bool extend_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
   std::vector<Item> items;
   for (int64_t b = 0; b < B; ++b) {
     q_start[b + 1] = q_start[b] + ext[b];
-    extend::add_items(items, b, ext[b], pre[b], G, KVH, /*causal=*/true);
+    extend::add_items(items, b, ext[b], pre[b], G, KVH);
   }
   TORCH_CHECK(q_start[B] == q.size(0), "extend_lens must sum to q's rows");
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });

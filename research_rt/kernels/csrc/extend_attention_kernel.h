@@ -50,11 +50,10 @@ constexpr int kScoreKeys = 4;  // keys whose scores are accumulated together
 inline bool head_dim_supported(int64_t D) { return D == 32 || D == 64 || D == 128; }
 
 // Request b's positions i0 .. i0 + n_pos - 1 (rows: positions x the G query heads of KV head h) over
-// the request's first n_keys keys; causal: position prefix[b] + i sees keys 0 .. prefix[b] + i.
+// the request's first n_keys keys, causally: position prefix[b] + i sees keys 0 .. prefix[b] + i.
 struct Item {
   int64_t b, h, i0, n_pos, n_keys, cost;
   int row_vecs;  // ceil(n_pos * G / 16)
-  bool causal;
 };
 
 struct Problem {
@@ -324,7 +323,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
       for (int x = 0; x < D; ++x) w.qf[x][r] = live ? bf16_to_float(qr[x]) : 0.f;
     }
     // the last key each row sees (an unused lane: INT_MAX, it sees every key and is never read)
-    const int64_t last = it.causal ? prefix + it.i0 + r / G : it.n_keys - 1;
+    const int64_t last = prefix + it.i0 + r / G;
     w.qpos[r] = live ? static_cast<int32_t>(last) : INT_MAX;
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.f;
@@ -347,7 +346,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
     }
     block_scores<D, NR, P>(w, krow, scale);
     // causal mask and keys past the last, where some row does not see the whole block
-    const bool diagonal = k0 + kKeys > n_keys || (it.causal && k0 + kKeys - 1 > first_pos);
+    const bool diagonal = k0 + kKeys > n_keys || k0 + kKeys - 1 > first_pos;
     if (diagonal) {
       for (int t = 0; t < kKeys; ++t) {
         const __m512i kpos = _mm512_set1_epi32(t < n ? static_cast<int32_t>(k0 + t) : INT_MAX);
@@ -470,15 +469,14 @@ inline void run_items(const Problem& p, const std::vector<Item>& items, int64_t 
 
 // Items of at most 64 rows for `n` consecutive positions of request b: as few as fit, of equal size
 // (32 positions x 3 heads: two items of 48 rows, not 63 + 33 in 128 lanes), for every KV head.
-inline void add_items(std::vector<Item>& items, int64_t b, int64_t n, int64_t n_keys_before, int64_t G, int64_t KVH,
-                      bool causal) {
+inline void add_items(std::vector<Item>& items, int64_t b, int64_t n, int64_t n_keys_before, int64_t G, int64_t KVH) {
   const int64_t cap = kRows / G, n_items = (n + cap - 1) / cap;
   const int64_t per_item = (n + n_items - 1) / std::max<int64_t>(n_items, 1);  // <= cap
   for (int64_t i0 = 0; i0 < n; i0 += per_item)
     for (int64_t h = 0; h < KVH; ++h) {
       const int64_t n_pos = std::min(per_item, n - i0);
-      const int64_t n_keys = causal ? n_keys_before + i0 + n_pos : n_keys_before;
-      items.push_back({b, h, i0, n_pos, n_keys, n_keys * n_pos, static_cast<int>((n_pos * G + 15) / 16), causal});
+      const int64_t n_keys = n_keys_before + i0 + n_pos;
+      items.push_back({b, h, i0, n_pos, n_keys, n_keys * n_pos, static_cast<int>((n_pos * G + 15) / 16)});
     }
 }
 
