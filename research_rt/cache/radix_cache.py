@@ -35,7 +35,8 @@ class TreeNode:
         return self.last_access < other.last_access
 
 
-def _match_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens a and b have in common."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -73,7 +74,7 @@ class RadixCache:
             if child is None:
                 break
             child.last_access = now
-            n = _match_len(child.key, key)
+            n = common_prefix_len(child.key, key)
             if n < len(child.key):
                 child = self._split(child, n)
                 values.append(child.value)
@@ -118,7 +119,7 @@ class RadixCache:
                 self.evictable_size += len(key)
                 break
             child.last_access = time.monotonic()
-            n = _match_len(child.key, key)
+            n = common_prefix_len(child.key, key)
             if n < len(child.key):
                 child = self._split(child, n)
             matched += n

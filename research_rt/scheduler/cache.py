@@ -4,9 +4,10 @@ KV ownership (radix_cache.py lists the four states of a slot):
 - admission (`admit`) matches the longest cached prefix, locks its node and points the request's
   row at those slots (`cache_protected_len` of them); new slots come from the pool (`alloc_for`),
   evicting unlocked cache entries when the pool is short;
-- after every prefill chunk, `cache_req(req, finished=False)` hands the computed tokens to the
-  prefix cache (so a retracted or chunked request resumes from there and others can share them)
-  and moves the lock down to the new node;
+- after every prefill chunk, the last one too, `cache_req(req, finished=False)` hands the computed
+  tokens to the prefix cache (so a retracted or chunked request resumes from there, and others
+  share a prompt while it is still running, as SGLang's `cache_unfinished_req`) and moves the lock
+  down to the new node;
 - when a request finishes, is aborted or is retracted, `cache_req(req, finished=True)` hands its
   computed tokens over too. Slots the cache already had (computed twice by concurrent requests)
   are freed, and so are the slots the cache does not keep (all of them with a `NoPrefixCache`);

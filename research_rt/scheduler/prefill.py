@@ -6,7 +6,9 @@ Budgets for one step:
 - KV room: free + evictable slots, minus what running requests are still expected to need for
   decoding (remaining max_new_tokens x `new_token_ratio`, which decays while nothing is retracted);
 - `max_running_requests` and free rows of the request table.
-Admitting a request matches its longest cached prefix and locks it (cache.py). With
+Admitting a request matches its longest cached prefix and locks it (cache.py); one that would
+compute again most of what a request of the same step computes waits a step for the cache
+(in_step_prefix.py). With
 `--enable-priority-scheduling` the queue is taken most urgent first, and a request that does not
 fit may preempt less urgent running ones (priority.py has the rule).
 A request that steers or ablates matches nothing (its KV differs from a plain run's, and cache.py
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from research_rt.cache.prefix_cache import PrefixCache
 from research_rt.core.req import Req
 from research_rt.scheduler.cache import CacheManager
+from research_rt.scheduler.in_step_prefix import StepPrefixes
 from research_rt.scheduler.priority import Preemptor, PriorityPolicy
 from research_rt.scheduler.stats import StepCounters
 
@@ -91,14 +94,17 @@ class PrefillAdder:
         self.chunk_size = size if size and size > 0 else 1 << 30
         self.max_running = max_running
         self.counters = counters
+        self.share_in_step = not args.disable_radix_cache
 
     def schedule(
         self, waiting: list[Req], running: list[Req], chunked: Req | None, new_token_ratio: float
     ) -> tuple[list[PrefillItem], Req | None]:
         """(the step's items, the request left chunked after it). Admitted requests leave `waiting`."""
         items: list[PrefillItem] = []
+        step = StepPrefixes(self.share_in_step)
         rem_chunk = min(self.chunk_size, self.max_prefill_tokens)
         if chunked is not None:
+            self._add_to_step(step, chunked, chunked.kv_len)
             length = min(chunked.seq_len - chunked.kv_len, rem_chunk)
             if not self.cache.alloc_for(chunked, length):
                 # running decodes hold the pool; they finish or retract, then this resumes
@@ -121,8 +127,11 @@ class PrefillAdder:
         for req in order_waiting(waiting, self.policy, self.cache.tree, self.priority):
             if rem_chunk <= 0 or (self.preemptor is None and not has_row()):
                 break
-            prefix, node = self.cache.tree.match_prefix(req.fill_ids[: max_prefix_len(req)])
+            cacheable = req.fill_ids[: max_prefix_len(req)]
+            prefix, node = self.cache.tree.match_prefix(cacheable)
             extend = req.seq_len - len(prefix)
+            if step.should_wait(cacheable, len(prefix), extend):
+                continue  # the next step finds the shared part in the cache
             need = extend + reserve_of(req, new_token_ratio)
 
             def fits(room: float, need: float = need) -> bool:
@@ -154,9 +163,15 @@ class PrefillAdder:
             room -= need
             rem_chunk -= length
             items.append(PrefillItem(req, len(prefix), length, length == extend))
+            self._add_to_step(step, req, len(prefix))
             if length < extend:
                 return items, req
         return items, None
+
+    @staticmethod
+    def _add_to_step(step: StepPrefixes, req: Req, cached: int) -> None:
+        if req.interventions is None or not req.interventions.changes_kv:  # the others are never cached
+            step.add(req.fill_ids, cached)
 
 
 def logit_rows(items: list[PrefillItem]) -> tuple[list[int], list[tuple[int, list[int], int | None]]]:

@@ -170,6 +170,7 @@ class Scheduler(PauseMixin, SchedulerLoop):
             if req.max_new_tokens == 0 or req.to_abort or req.finished:
                 self._finish(req, req.finished_reason or req.to_abort or FinishReason("length", length=0))
                 continue
+            self.cache.cache_req(req, finished=False)  # its prompt, for requests sharing it from now on
             to_sample.append(req)
             sample_rows.append(first + len(lp_rows))
         self._advance_decode(decoding)
