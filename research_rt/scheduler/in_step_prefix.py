@@ -5,7 +5,9 @@ takes it from the cache instead.
 Requests sent together with one long prefix (a shared document or few-shot examples; W3 of
 `make bench-peers`: 32 requests after one 1024-token prefix) otherwise compute it several times in
 the first step they share: with 2048-token chunks W3's first step held request 0 and 992 tokens of
-request 1's copy of the same prefix, a third of all the tokens W3 prefills. SGLang's `lpm` policy
+request 1's copy of the same prefix, and the next one the other 31 suffixes from that copy (1984
+tokens); now 1056 and then 992 tokens, half as many (scheduler.py also caches a prompt as soon as its
+prefill ends, not when its request finishes). SGLang's `lpm` policy
 moves such requests to the end of the queue (its IN_BATCH_PREFIX_CACHING thresholds, 32 tokens),
 where they may still join the step; here they leave the step, whatever the policy, when the shared
 part is at least MIN_SHARED tokens and at least half of what they would compute. Outputs do not
@@ -31,9 +33,8 @@ class StepPrefixes:
 
     def add(self, tokens: Sequence[int], cached: int) -> None:
         """A request of this step will compute `tokens` past its first `cached` (already cached)."""
-        key = tuple(tokens[: cached + MIN_SHARED])
-        if self.enabled and len(key) == cached + MIN_SHARED:
-            self._by_key.setdefault(key, []).append(tokens)
+        if self.enabled and len(tokens) >= cached + MIN_SHARED:
+            self._by_key.setdefault(tuple(tokens[: cached + MIN_SHARED]), []).append(tokens)
 
     def should_wait(self, cacheable: Sequence[int], cached: int, extend: int) -> bool:
         """Whether a request whose first `cached` tokens of `cacheable` (what the cache may give it)

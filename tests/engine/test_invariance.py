@@ -62,6 +62,8 @@ def test_batch_matches_one_at_a_time(tiny_engine, reference):
     tiny_engine.flush_cache()
     outs = tiny_engine.generate(input_ids=items, sampling_params=GREEDY)
     assert [o["output_ids"] for o in outs] == ref
+    # the first computes the shared 40 tokens; the others, sent with it, wait a step and reuse them
+    assert [o["meta_info"]["cached_tokens"] >= 40 for o in outs] == [False] + [True] * 15
     tiny_engine.check_pool_integrity()
 
 
