@@ -7,11 +7,11 @@ Requests sent together with one long prefix (a shared document or few-shot examp
 the first step they share: with 2048-token chunks W3's first step held request 0 and 992 tokens of
 request 1's copy of the same prefix, and the next one the other 31 suffixes from that copy (1984
 tokens); now 1056 and then 992 tokens, half as many (scheduler.py also caches a prompt as soon as its
-prefill ends, not when its request finishes). SGLang's `lpm` policy
-moves such requests to the end of the queue (its IN_BATCH_PREFIX_CACHING thresholds, 32 tokens),
-where they may still join the step; here they leave the step, whatever the policy, when the shared
-part is at least MIN_SHARED tokens and at least half of what they would compute. Outputs do not
-change: a request's tokens do not depend on its batch or on where its prefix was computed.
+prefill ends, not when its request finishes). SGLang's `lpm` policy moves such requests to the end of
+the queue (its IN_BATCH_PREFIX_CACHING thresholds, 32 tokens), where they may still join the step;
+here they leave the step, whatever the policy, when the shared part is at least MIN_SHARED tokens and
+at least half of what they would compute. Outputs do not change: a request's tokens do not depend on
+its batch or on where its prefix was computed.
 """
 
 from __future__ import annotations
