@@ -76,12 +76,18 @@ class CacheManager:
     def slots_of(self, req: Req, start: int, length: int) -> torch.Tensor:
         return self.req_to_token.table[req.req_pool_row, start : start + length]
 
+    @staticmethod
+    def keeps(req: Req) -> bool:
+        """Whether `cache_req` hands `req`'s tokens to the prefix cache: not when its interventions
+        change its KV (steer, ablate)."""
+        return req.interventions is None or not req.interventions.changes_kv
+
     def cache_req(self, req: Req, finished: bool) -> None:
         """Hand `req`'s computed tokens to the prefix cache; see the module doc for what is freed."""
         row = req.req_pool_row
         if row < 0:
             return
-        if req.interventions is not None and req.interventions.changes_kv:
+        if not self.keeps(req):
             if finished:
                 self.kv_pool.free(self.req_to_token.table[row, req.cache_protected_len : req.kv_len].clone())
                 self._release(req)

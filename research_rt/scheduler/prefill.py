@@ -168,9 +168,8 @@ class PrefillAdder:
                 return items, req
         return items, None
 
-    @staticmethod
-    def _add_to_step(step: StepPrefixes, req: Req, cached: int) -> None:
-        if req.interventions is None or not req.interventions.changes_kv:  # the others are never cached
+    def _add_to_step(self, step: StepPrefixes, req: Req, cached: int) -> None:
+        if self.cache.keeps(req):
             step.add(req.fill_ids, cached)
 
 
