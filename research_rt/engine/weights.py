@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from research_rt.kernels import forget_packed_weights
 from research_rt.loader.model_loader import weight_iterator
 from research_rt.loader.resolve import ModelNotFoundError, ModelSource, resolve_model_path
 from research_rt.server_args import LOAD_FORMATS
@@ -76,6 +77,7 @@ def _rolled_back(engine: Any, update) -> str | None:
         with torch.inference_mode():
             for name, p in model.named_parameters():
                 p.data.copy_(backup[name])
+        forget_packed_weights()
         return f"Failed to update weights: {e}.\nRolling back to original weights."
     finally:
         del backup

@@ -168,6 +168,20 @@ def store_rows_op():
     return torch.ops.research_rt.store_rows if _loaded() else None
 
 
+def forget_packed_weights() -> None:
+    """Make the gemv op pack every weight again on its next call (csrc/panel_linear.cpp keeps a
+    packed copy per bfloat16 weight). In-place ops on a parameter bump its version counter, which the
+    op checks; writes through `.data` do not, so whatever writes weights that way calls this (the
+    model runner's weight updates, their rollback, research code that edits `p.data`)."""
+    if _state.get("ok"):  # nothing is packed before the extension loads
+        torch.ops.research_rt.forget_packed_weights()
+
+
+def packed_weight_count() -> int:
+    """How many weight copies the gemv op has packed in this process (tests: decode steps reuse them)."""
+    return torch.ops.research_rt.packed_weight_count() if _loaded() else 0
+
+
 def gemv_op():
     """`research_rt::gemv` (csrc/gemv.cpp), or None (module docstring)."""
     return torch.ops.research_rt.gemv if _loaded() else None

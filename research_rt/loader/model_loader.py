@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from research_rt.kernels import forget_packed_weights
 from research_rt.loader import gguf_cache
 from research_rt.loader.resolve import ModelSource
 from research_rt.loader.weights import count_safetensors, iterate_gguf, iterate_safetensors
@@ -139,14 +140,15 @@ def load_weights_into(
 ) -> None:
     """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays
     valid); with a tensor-parallel `plan` (tp_sharding.TPPlan), each tensor is cut to this rank's shard."""
-    if load_format == "dummy":
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
-        return
-    weights, total = weight_iterator(source, load_format)
-    bar = tqdm(weights, total=total, desc="Loading weights", disable=not progress, unit="tensor")
-    loaded = model.load_weights(bar if plan is None else plan.shard(bar))
+    with _weights_written():
+        if load_format == "dummy":
+            gen = torch.Generator().manual_seed(0)
+            for p in model.parameters():
+                p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            return
+        weights, total = weight_iterator(source, load_format)
+        bar = tqdm(weights, total=total, desc="Loading weights", disable=not progress, unit="tensor")
+        loaded = model.load_weights(bar if plan is None else plan.shard(bar))
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {source.path} lacks weights for: {', '.join(sorted(missing)[:8])}")
@@ -162,7 +164,8 @@ def copy_named_tensors(
     if plan is not None and direct:
         raise ValueError("load_format 'direct' names this runtime's parameters, which tp > 1 shards")
     if not direct:
-        model.load_weights(iter(named) if plan is None else plan.shard(named))
+        with _weights_written():
+            model.load_weights(iter(named) if plan is None else plan.shard(named))
         return
     params = dict(model.named_parameters())
     for name, tensor in named:
@@ -172,8 +175,19 @@ def copy_named_tensors(
             raise ValueError(
                 f"shape mismatch for {name}: given {tuple(tensor.shape)} vs {tuple(params[name].shape)}"
             )
-    for name, tensor in named:
-        params[name].data.copy_(tensor)
+    with _weights_written():
+        for name, tensor in named:
+            params[name].data.copy_(tensor)
+
+
+@contextlib.contextmanager
+def _weights_written() -> Iterator[None]:
+    """Around writes through `.data` (the models' `load_weights` too): they bypass the version
+    counters by which the gemv op notices a changed weight, so its packed copies are dropped after."""
+    try:
+        yield
+    finally:
+        forget_packed_weights()
 
 
 def load_model(

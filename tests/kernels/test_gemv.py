@@ -66,8 +66,8 @@ def test_each_row_is_bit_identical_at_any_row_count(dtype, k, n):
 )
 @pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (33, 65), (100, 37)])
 def test_bfloat16_batch_rows_are_bit_identical_to_batch_1_up_to_64_rows(k, n):
-    """Decode batches of 17-64 requests (AMX tiles, or 2 x 4 dot-product tiles on AVX512-BF16 that
-    sum as the row loop does): each row has the bits batch 1 gives it, wherever it sits."""
+    """Decode batches of 17-64 requests (AMX tiles, or outer products over packed weight panels on
+    AVX512-BF16, each output one chain over K): each row has the bits batch 1 gives it, wherever it sits."""
     g = torch.Generator().manual_seed(k + 3 * n)
     x = torch.randn(64, k, generator=g).bfloat16()
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()

@@ -3,13 +3,14 @@
 For few rows (decode) a matrix-vector product is bound by reading the weight once from memory,
 and oneDNN/MKL reach a fraction of the memory bandwidth on small CPUs. Under compile, decode
 batches go through the C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp) where it
-builds: all of SmolLM2-135M's linears in bfloat16 stream at 85% of what `torch.sum` reads for one
-row, against 66% for Inductor's loop below (benchmarks/RESULTS.md); up to 8 rows share each pass
-over a weight (5 rows: 9.2-10.3 ms against oneDNN's 20.8 ms), 16 take two passes, 17 to 64 rows in
-bfloat16 run as 2 x 4 tiles of AVX512-BF16 dot products with the bits of batch 1 (64 rows: 60 ms
-against oneDNN's 79 ms for all of SmolLM2's linears on the Zen 5 machine), and the op hands more rows
-to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
-(csrc/amx_linear.cpp), faster than both at every row count measured. Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
+builds, each row with the bits it gets alone. bfloat16 on AVX512-BF16 runs outer products over the
+weight packed once into column panels (csrc/panel_linear.cpp; the packed copy follows in-place edits
+of the weight, and writes through `.data` call `kernels.forget_packed_weights`): all of SmolLM2-135M's
+linears, Zen 5, 2 threads, 6.6 ms for one row (40 GB/s of weights), 11.5 ms for 8, 49 ms for 64,
+against 60-68 ms for the dot-product tiles it replaced and 58 ms for oneDNN with prepacked weights
+(benchmarks/RESULTS.md). float32 streams each weight once for up to 8 rows (16 take two passes) and
+hands more rows to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
+(csrc/amx_linear.cpp). Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
 streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
 batches without the op use `F.linear`, but an eager decode step (the model runner's, while the
 compiled step builds or with compile off) runs its linears through the op as the compiled step does
