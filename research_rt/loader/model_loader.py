@@ -15,6 +15,7 @@ from research_rt.kernels import forget_packed_weights
 from research_rt.loader import gguf_cache
 from research_rt.loader.resolve import ModelSource
 from research_rt.loader.weights import count_safetensors, iterate_gguf, iterate_safetensors
+from research_rt.models.layers.linear import pack_decode_weights
 from research_rt.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def load_weights_into(
 ) -> None:
     """Copy the checkpoint into `model`'s existing parameters (storage is kept: compiled code stays
     valid); with a tensor-parallel `plan` (tp_sharding.TPPlan), each tensor is cut to this rank's shard."""
-    with _weights_written():
+    with _weights_written(model):
         if load_format == "dummy":
             gen = torch.Generator().manual_seed(0)
             for p in model.parameters():
@@ -164,7 +165,7 @@ def copy_named_tensors(
     if plan is not None and direct:
         raise ValueError("load_format 'direct' names this runtime's parameters, which tp > 1 shards")
     if not direct:
-        with _weights_written():
+        with _weights_written(model):
             model.load_weights(iter(named) if plan is None else plan.shard(named))
         return
     params = dict(model.named_parameters())
@@ -175,19 +176,20 @@ def copy_named_tensors(
             raise ValueError(
                 f"shape mismatch for {name}: given {tuple(tensor.shape)} vs {tuple(params[name].shape)}"
             )
-    with _weights_written():
+    with _weights_written(model):
         for name, tensor in named:
             params[name].data.copy_(tensor)
 
 
 @contextlib.contextmanager
-def _weights_written() -> Iterator[None]:
+def _weights_written(model: torch.nn.Module) -> Iterator[None]:
     """Around writes through `.data` (the models' `load_weights` too): they bypass the version
-    counters by which the gemv op notices a changed weight, so its packed copies are dropped after."""
+    counters by which the gemv op notices a changed weight, so its packed copies are made again after."""
     try:
         yield
     finally:
         forget_packed_weights()
+        pack_decode_weights(model)
 
 
 def load_model(

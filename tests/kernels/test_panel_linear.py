@@ -74,15 +74,18 @@ def test_a_freed_weight_is_not_mistaken_for_a_new_one():
     """The copy is kept by the weight's data pointer; a new weight in the freed memory (same
     address, same shape, version 0) must be packed anew."""
     x, w = weights(seed=4)
+    w.mul_(1)  # version 1, as the new weights' after their copy_: only the storage tells them apart
     op(x, w, None)
-    address = w.data_ptr()
+    address, shape = w.data_ptr(), w.shape
     del w
     gc.collect()
     reused = False
     for seed in range(5, 25):
-        _, w = weights(seed=seed)
+        w = torch.empty(shape, dtype=torch.bfloat16)  # first, so that it may take the freed block
+        w.copy_(weights(seed=seed)[1])
         reused |= w.data_ptr() == address
         assert torch.equal(op(x, w, None), fresh(x, w)), seed
+        del w
     if not reused:
         pytest.skip("the allocator did not hand back the freed address")
 
@@ -98,3 +101,29 @@ def test_rows_keep_batch_1_bits_past_64(k, n):
     exact = x.double() @ w.double().t() + b.double()
     torch.testing.assert_close(alone.double(), exact, rtol=2**-8, atol=1e-3 * k**0.5)
     torch.testing.assert_close(alone.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2 * k**0.5)
+
+
+def test_loading_and_updating_pack_the_decode_weights(tiny_llama_dir):
+    """The loader packs every weight a decode step multiplies by (each Linear, and the embedding
+    where the LM head is tied to it) so the first request does not; an update packs them again."""
+    from research_rt.loader.model_loader import copy_named_tensors, load_model
+    from research_rt.loader.resolve import resolve_model_path
+    from research_rt.models.layers.linear import Linear
+
+    before = packed_weight_count()
+    model = load_model(resolve_model_path(str(tiny_llama_dir)), "bfloat16", "cpu").model
+    weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
+    if model.lm_head is None:
+        weights.append(model.model.embed_tokens.weight)
+    assert packed_weight_count() - before == len(weights)
+    x = torch.randn(3, weights[0].shape[1]).bfloat16()
+    loaded = packed_weight_count()
+    with torch.inference_mode():
+        out = op(x, weights[0], None)
+    assert packed_weight_count() == loaded
+    name = next(n for n, p in model.named_parameters() if p is weights[0])
+    copy_named_tensors(model, [(name, weights[0] * 2)], direct=True)
+    assert packed_weight_count() - loaded == len(weights)
+    with torch.inference_mode():
+        assert torch.equal(op(x, weights[0], None), fresh(x, weights[0]))
+        assert not torch.equal(op(x, weights[0], None), out)
