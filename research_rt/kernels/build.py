@@ -172,7 +172,8 @@ def forget_packed_weights() -> None:
     """Make the gemv op pack every weight again on its next call (csrc/panel_linear.cpp keeps a
     packed copy per bfloat16 weight). In-place ops on a parameter bump its version counter, which the
     op checks; writes through `.data` do not, so whatever writes weights that way calls this (the
-    model runner's weight updates, their rollback, research code that edits `p.data`)."""
+    loader after loading or updating weights, the updates' rollback, research code that edits
+    `p.data`)."""
     if _state.get("ok"):  # nothing is packed before the extension loads
         torch.ops.research_rt.forget_packed_weights()
 

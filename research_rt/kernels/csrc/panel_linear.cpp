@@ -10,9 +10,10 @@
 // row's bits do not depend on its batch. Threads split the panels; a panel (K x 64 bytes) stays in L2
 // while the row tiles pass over it, so the weight streams from memory once a call.
 //
-// SmolLM2-135M's 121 linears, weights from DRAM, 2 threads, Zen 5 (benchmarks/bench_linear_rows.py,
-// RESULTS.md): 64 rows ~50 ms against the 2 x 4 dot-product tiles' ~68 ms that this replaced and
-// oneDNN's prepacked ~58 ms; 8 rows ~9 ms against 26 ms; 1 row even with the dot-product stream.
+// SmolLM2-135M's 121 linears, weights from DRAM, 2 threads, Zen 5, alternating with the kernels this
+// replaced (benchmarks/bench_linear_rows.py, RESULTS.md): 64 rows 54-66 ms against 73-77 ms for 2 x 4
+// dot-product tiles (oneDNN with prepacked weights 53-72 ms); 8 rows 13 against 26-31 ms; 1 row
+// 9.7-9.9 against 11.2-11.8 ms for the dot-product stream.
 //
 // The packed copy is kept per weight (`packed_weight`), made on its first call and made again when the
 // weight's storage, data pointer, shape or version counter (bumped by every in-place op on it or
@@ -55,7 +56,6 @@ at::Tensor pack(const at::Tensor& w) {
 
 struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;  // held weakly: a freed storage expires the entry
-  const void* data;
   std::vector<int64_t> sizes;
   int64_t version, epoch;
   at::Tensor packed;
@@ -81,8 +81,8 @@ at::Tensor packed_weight(const at::Tensor& w) {
   }
   for (auto i = g_cache.begin(); i != g_cache.end();)  // drop the copies of freed weights
     i = i->second.storage.expired() ? g_cache.erase(i) : std::next(i);
-  Entry e{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), w.data_ptr(),
-          w.sizes().vec(), version, epoch, pack(w)};
+  Entry e{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), w.sizes().vec(),
+          version, epoch, pack(w)};
   return g_cache.emplace(w.data_ptr(), std::move(e)).first->second.packed;
 }
 

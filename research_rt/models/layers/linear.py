@@ -100,15 +100,15 @@ def pack_decode_weights(model: nn.Module) -> None:
     """Have the gemv op pack the weights decode steps multiply by now, not in the first decode step
     (its bfloat16 kernel keeps a packed copy per weight: SmolLM2's first request took ~0.6 s longer):
     every CPU `Linear`, and the input embedding where the LM head is tied to it."""
-    if not _gemv_available():
-        return
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     if getattr(model, "lm_head", ...) is None:  # tied: compute_logits multiplies by embed_tokens
         weights.append(model.get_submodule("model.embed_tokens").weight)
+    weights = [w for w in weights if w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2]
+    if not weights or not _gemv_available():  # only bfloat16 CPU weights are packed
+        return
     with torch.inference_mode(), decode_linears():
         for w in weights:
-            if w.device.type == "cpu" and w.dim() == 2:
-                linear(w.new_zeros(1, w.shape[1]), w)
+            linear(w.new_zeros(1, w.shape[1]), w)
 
 
 class Linear(nn.Linear):
