@@ -1,9 +1,9 @@
 """The C++ CPU ops (csrc/*.cpp), built into one extension on first use with `torch.utils.cpp_extension`.
 
-`argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `rms_norm_op()`,
-`rotary_op()`, `silu_mul_op()` and `store_rows_op()` return `torch.ops.research_rt.<name>` once the
-extension has been compiled and loaded, or None: no compiler, a failed build, or
-`RESEARCH_RT_CPU_KERNELS=0`.
+`argmax_op()`, `decode_attention_op()`, `extend_attention_op()`, `gemv_op()`, `q4_linear_op()`,
+`rms_norm_op()`, `rotary_op()`, `silu_mul_op()` and `store_rows_op()` return
+`torch.ops.research_rt.<name>` once the extension has been compiled and loaded, or None: no compiler,
+a failed build, or `RESEARCH_RT_CPU_KERNELS=0`.
 Callers then take their pure-PyTorch path, which computes the same thing. The build goes to
 `$RESEARCH_RT_EXT_DIR` (default `~/.cache/research_rt/ext`), in a folder named after the CPU's vector
 capability (the code is built with -march=native), so later starts only load it (`make install`
@@ -78,6 +78,10 @@ def _load() -> bool:
     @torch.library.register_fake("research_rt::store_rows")
     def _(buf, slots, rows):
         return None
+
+    @torch.library.register_fake("research_rt::q4_linear")
+    def _(x, codes, scales, group, n):
+        return x.new_empty(x.shape[0], n)
 
     @torch.library.register_fake("research_rt::gemv")
     def _(x, w, bias):
@@ -181,6 +185,16 @@ def forget_packed_weights() -> None:
 def packed_weight_count() -> int:
     """How many weight copies the gemv op has packed in this process (tests: decode steps reuse them)."""
     return torch.ops.research_rt.packed_weight_count() if _loaded() else 0
+
+
+@functools.cache
+def q4_linear_op():
+    """`research_rt::q4_linear` (csrc/q4_linear.cpp): 4-bit weight-only linears for bfloat16 rows,
+    in the layout models/layers/packed_weight.py packs, where this build runs it (AVX512-BF16); or
+    None: the caller uses ATen's int4 kernel."""
+    if not _loaded() or not torch.ops.research_rt.q4_linear_supported():
+        return None
+    return torch.ops.research_rt.q4_linear
 
 
 def gemv_op():

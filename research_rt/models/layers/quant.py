@@ -3,7 +3,11 @@
 Single-stream decode reads every weight once per token, so its speed is the memory bandwidth
 divided by the weights' size. Storing the weights in 8 or 4 bits and multiplying with ATen's
 weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, the kernels torchao
-uses on CPU) reads 2x / 4x fewer bytes than bfloat16.
+uses on CPU) reads 2x / 4x fewer bytes than bfloat16. ATen's int4 kernel was compute-bound at 2
+threads here, so 4 bits with bfloat16 rows on AVX512-BF16 run the C++ op `research_rt::q4_linear`
+(kernels/csrc/q4_linear.cpp, its own layout): SmolLM2-135M's 120 layer linears in 2.9 ms for one
+row against 7.1-8.4 ms in bfloat16 (panel kernel), single stream 130 against 80-89 tok/s
+(benchmarks/RESULTS.md).
 
 Those kernels are slower than a bfloat16 GEMM once a batch has more than a few rows (2.5x at 64
 rows here), so each quantized linear keeps two forms of ONE set of weights:
