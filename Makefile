@@ -58,7 +58,8 @@ bench: install
 # Optional, not part of `make test`: research_rt vs llama.cpp (llama-cpp-python, BF16 and Q4_1 GGUFs)
 # vs vLLM's CPU build (bfloat16) on three workloads (W1 single stream, W2 64 prompts at once, W3 32
 # requests sharing a 1024-token prefix), all in this one invocation (the machine's speed drifts between
-# runs; compare same-run figures), then one table (benchmarks/peers_table.py). research_rt writes the
+# runs; compare same-run figures), then one table (benchmarks/peers_table.py); W1 also runs research_rt
+# with `--torchao-config int4wo-32` (the GGUF's own 4-bit codes) beside llama.cpp's Q4_1. research_rt writes the
 # prompts once as token ids (benchmarks/peers_workloads.py) and every engine reads them. Each peer has
 # its own venv under .peers/: the first run builds llama.cpp from source (~10 min on 2 cores) and
 # installs vLLM (a few minutes), and writes a BF16 GGUF (llama.cpp) and a bfloat16 HF directory (vLLM)
@@ -111,9 +112,11 @@ bench-peers: install $(PEERS)/llama/.installed $(PEERS)/vllm/.installed $(PEERS_
 	$(PY) -m benchmarks.peers_workloads $(PEERS_OUT)/peers_workloads.json
 	for w in w1 w2 w3; do \
 	  $(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --only $$w --json $(PEERS_OUT)/bench_peers_research_rt_$$w.json || exit 1; \
-	  case $$w in w1) peers="llama vllm";; *) peers="vllm llama";; esac; \
+	  case $$w in w1) peers="llama int4 vllm";; *) peers="vllm llama";; esac; \
 	  for p in $$peers; do \
-	    if [ $$p = llama ]; then \
+	    if [ $$p = int4 ]; then \
+	      $(PY) -m benchmarks.bench_peers_research_rt $(PEERS_OUT)/peers_workloads.json --only $$w --torchao-config int4wo-32 --json $(PEERS_OUT)/bench_peers_research_rt_int4_$$w.json || exit 1; \
+	    elif [ $$p = llama ]; then \
 	      $(LLAMA_PY) benchmarks/bench_peers.py $(PEERS_OUT)/peers_workloads.json --only $$w --gguf bf16=$(PEERS_BF16) --gguf q4_1="$(SMOL_Q4_1)" --json $(PEERS_OUT)/bench_peers_llama_$$w.json || echo "llama.cpp failed on $$w"; \
 	    else \
 	      tc=$(VLLM_TCMALLOC); LD_PRELOAD="$${tc:+$$tc:}$(CURDIR)/$(PEERS)/vllm/lib/libiomp5.so" \
@@ -122,7 +125,7 @@ bench-peers: install $(PEERS)/llama/.installed $(PEERS)/vllm/.installed $(PEERS_
 	    fi; \
 	  done; \
 	done
-	$(PY) benchmarks/peers_table.py $(foreach e,research_rt llama vllm,$(foreach w,w1 w2 w3,$(PEERS_OUT)/bench_peers_$(e)_$(w).json)) --md $(PEERS_OUT)/bench_peers_table.md
+	$(PY) benchmarks/peers_table.py $(foreach e,research_rt llama vllm,$(foreach w,w1 w2 w3,$(PEERS_OUT)/bench_peers_$(e)_$(w).json)) $(PEERS_OUT)/bench_peers_research_rt_int4_w1.json --md $(PEERS_OUT)/bench_peers_table.md
 
 lint: install
 	$(VENV)/bin/ruff check research_rt tests benchmarks experiments

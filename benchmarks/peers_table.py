@@ -61,6 +61,14 @@ def targets(rows: dict[str, dict]) -> list[str]:
             f"W1 research_rt / llama.cpp BF16: decode {d:.2f}x, end-to-end {e:.2f}x "
             f"(target >= 1.3x: {verdict(min(d, e) >= 1.3)})"
         )
+    q4, llama_q4 = rows.get(OURS + " int4wo-32"), rows.get("llama.cpp q4_1")
+    if q4 and llama_q4 and "w1_decode_tok_s" in q4 and "w1_decode_tok_s" in llama_q4:
+        out.append(
+            f"W1 beside it, 4-bit (the GGUF's Q4_1 codes): research_rt int4wo-32 / llama.cpp Q4_1: decode "
+            f"{q4['w1_decode_tok_s'] / llama_q4['w1_decode_tok_s']:.2f}x, end-to-end "
+            f"{q4['w1_e2e_tok_s'] / llama_q4['w1_e2e_tok_s']:.2f}x; / llama.cpp BF16: decode "
+            + (f"{q4['w1_decode_tok_s'] / llama['w1_decode_tok_s']:.2f}x" if llama else "-")
+        )
     if vllm:
         for w in (w for w in ("w2", "w3") if f"{w}_s" in vllm and f"{w}_s" in ours):
             r = vllm[f"{w}_s"] / ours[f"{w}_s"]
