@@ -27,7 +27,6 @@ from research_rt.executor.interventions import Segment, build_interventions, col
 from research_rt.loader.model_loader import context_length, load_model
 from research_rt.loader.resolve import ModelSource
 from research_rt.loader.tp_sharding import TPPlan
-from research_rt.models.layers.linear import decode_linears
 from research_rt.models.layers.quant import quantize_model
 from research_rt.server_args import ServerArgs
 
@@ -233,8 +232,7 @@ class ModelRunner:
         capture goes to their stores."""
         if self.runs_compiled(batch):
             return _select_rows(self.graph_runner.run(batch), logit_rows).float().cpu(), None
-        with decode_linears(batch.mode is ForwardMode.DECODE):
-            hidden = self.model(batch.input_ids, batch.positions, batch)
+        hidden = self.model(batch.input_ids, batch.positions, batch)
         if batch.interventions is not None:
             collect_captures(batch.interventions, hidden, self.model)
         selected = hidden[logit_rows.to(hidden.device)]

@@ -22,6 +22,20 @@ def run_each(engine, items: list[list[int]], params=GREEDY) -> list[list[int]]:
     return [engine.generate(input_ids=p, sampling_params=params)["output_ids"] for p in items]
 
 
+def each_on_empty_cache(engine, items: list[list[int]], params=GREEDY) -> list[list[int]]:
+    """Each prompt's output alone, the cache flushed before it (then left empty)."""
+    outs = []
+    for p in items:
+        engine.flush_cache()
+        outs.append(engine.generate(input_ids=p, sampling_params=params)["output_ids"])
+    engine.flush_cache()
+    return outs
+
+
+def run_batch(engine, items: list[list[int]], params=GREEDY) -> list[list[int]]:
+    return [o["output_ids"] for o in engine.generate(input_ids=items, sampling_params=params)]
+
+
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_llama_dir):
     """The module's own engine: compile on (compiled before the tests start), float32."""
@@ -34,10 +48,7 @@ def tiny_engine(tiny_llama_dir):
 def reference(tiny_engine):
     """One-at-a-time outputs on an empty cache."""
     items = prompts(16, 70, seed=1, shared=40)
-    outs = []
-    for p in items:
-        tiny_engine.flush_cache()
-        outs.append(tiny_engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"])
+    outs = each_on_empty_cache(tiny_engine, items)
     tiny_engine.check_pool_integrity()
     return items, outs
 
@@ -142,21 +153,38 @@ def test_smollm2_invariance(smollm_compiled_engine):
 def test_smollm2_bfloat16_eager_decode_batch_matches_alone():
     """The real model in bfloat16 (the default dtype on this CPU) with eager decode steps, as in the
     window after a cold start while the compiled step builds (here: compile off): a batch of 20 gives
-    each request's greedy tokens alone. Eager decode linears take the gemv op as the compiled step
-    does (models/layers/linear.py `decode_linears`); through oneDNN's GEMM, whose rows of down_proj
-    change bits at 16 rows and more, 13 of these 20 matched."""
+    each request's greedy tokens alone. Eager linears take the gemv op as the compiled step does
+    (models/layers/linear.py); through oneDNN's GEMM, whose rows of down_proj change bits at 16 rows
+    and more, 13 of these 20 matched."""
     rng = random.Random(3)
     items = [[rng.randrange(3, 49000) for _ in range(rng.randrange(8, 40))] for _ in range(20)]
     params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     with eager_engine(dtype="bfloat16", random_seed=0) as engine:
-        alone = []
-        for p in items:
-            engine.flush_cache()
-            alone.append(engine.generate(input_ids=p, sampling_params=params)["output_ids"])
-        engine.flush_cache()
-        batch = engine.generate(input_ids=items, sampling_params=params)
-        assert [o["output_ids"] for o in batch] == alone
+        alone = each_on_empty_cache(engine, items, params)
+        assert run_batch(engine, items, params) == alone
         engine.check_pool_integrity()
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_shared_prefix_batch_and_chunks_match_alone():
+    """bfloat16, the real model: requests sharing a 100-token prefix give the greedy tokens they give
+    alone on an empty cache when prefilled together (the prefix computed once, then 5-30-row
+    suffixes), over the cached prefix one by one, and in chunks of 16. oneDNN's GEMM gave some rows
+    other bits at 16-31 rows than at 32 and more, so a suffix prefilled in a step of its own could
+    differ from the same suffix in a bigger step (seen in a server under load); every CPU linear now
+    takes the gemv op, whose rows keep their bits at any count."""
+    rng = random.Random(5)
+    prefix = [rng.randrange(3, 49000) for _ in range(100)]
+    items = [prefix + [rng.randrange(3, 49000) for _ in range(rng.randrange(5, 31))] for _ in range(4)]
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    with eager_engine(dtype="bfloat16", random_seed=0) as engine:
+        alone = each_on_empty_cache(engine, items, params)
+        assert run_batch(engine, items, params) == alone
+        assert run_each(engine, items, params) == alone  # each suffix over the cached prefix
+        engine.check_pool_integrity()
+    with eager_engine(dtype="bfloat16", random_seed=0, chunked_prefill_size=16) as chunked:
+        assert run_batch(chunked, items, params) == alone
+        chunked.check_pool_integrity()
 
 
 @pytest.mark.parametrize("pool", [None, 400])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from research_rt.kernels import amx_linear_available, decode_attention_vectorized, gemv_op
-from research_rt.models.layers.linear import decode_linears, linear
+from research_rt.models.layers.linear import linear
 
 op = gemv_op()
 pytestmark = pytest.mark.skipif(op is None, reason="the C++ extension did not build here")
@@ -119,19 +119,18 @@ def test_compiled_linear_calls_the_op(dtype):
     op is None or not (amx_linear_available() or decode_attention_vectorized(torch.bfloat16, 64)),
     reason="no AVX512-BF16 or AMX here: such rows go to oneDNN, which promises no row invariance",
 )
-def test_eager_decode_linears_keep_batch_1_bits():
-    """An eager decode step (`decode_linears`, as the model runner runs one while the compiled step
-    builds) computes each row as the compiled step does, the same at any batch size; outside it
-    eager code (prefill) keeps F.linear."""
+def test_eager_linears_keep_batch_1_bits():
+    """Eager CPU linears (decode steps while the compiled step builds, and prefill) take the op and
+    compute each row as the compiled step does, the same at any row count: up to the 128 rows of the
+    AMX tiles, and without AMX at every count (prefill chunks of hundreds of rows included)."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(64, 1536, generator=g).bfloat16()
+    x = torch.randn(300, 1536, generator=g).bfloat16()
     w = torch.randn(576, 1536, generator=g).bfloat16()  # SmolLM2's down_proj
-    with decode_linears():
-        alone = torch.cat([linear(x[i : i + 1], w) for i in range(64)])
-        for rows in (2, 5, 16, 17, 40, 64):
-            assert torch.equal(linear(x[:rows], w).view(torch.int16), alone[:rows].view(torch.int16)), rows
-        assert torch.equal(alone, torch.cat([op(x[i : i + 1], w, None) for i in range(64)]))
-    assert torch.equal(linear(x, w), F.linear(x, w))  # the block ended: prefill's GEMM again
+    alone = torch.cat([linear(x[i : i + 1], w) for i in range(300)])
+    counts = (2, 5, 16, 17, 40, 64, 128) + (() if amx_linear_available() else (129, 241, 300))
+    for rows in counts:
+        assert torch.equal(linear(x[:rows], w).view(torch.int16), alone[:rows].view(torch.int16)), rows
+    assert torch.equal(alone, torch.cat([op(x[i : i + 1], w, None) for i in range(300)]))
 
 
 def test_switch_off_gives_no_op(monkeypatch):

@@ -42,6 +42,9 @@ std::atomic<int64_t> g_packs{0};   // packed copies made so far (tests check tha
 #if defined(__AVX512BF16__)
 constexpr int64_t kPanelCols = 32;  // output columns per panel: two vectors of float32 sums
 constexpr int kTileRows = 12;       // input rows per register tile: 12 x 2 sums
+// rows a thread takes through all its panels before the next rows: their inputs stay in L2 (without
+// it 2048 rows streamed every panel's inputs from L3: SmolLM2's linears 1527 ms against oneDNN's 1461)
+constexpr int64_t kRowBlock = 240;
 
 // [P, ceil(K / 2), 32, 2]: w's columns in panels of 32, each k-pair's 32 pairs contiguous; padded
 // with zero columns to a whole panel and a zero value after an odd K.
@@ -164,11 +167,14 @@ at::Tensor panel_linear(const at::Tensor& x_, const at::Tensor& w, const at::Ten
   uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t panel_pairs = packed.size(1) * kPanelCols;  // 32-bit pairs a panel
   at::parallel_for(0, P, 2, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t cols = std::min(kPanelCols, N - p * kPanelCols);
-      for (int64_t m = 0; m < M; m += kTileRows)
-        panel_rows(std::min<int64_t>(kTileRows, M - m), xp + m * K, K, pp + p * panel_pairs,
-                   b.data() + p * kPanelCols, op + m * N + p * kPanelCols, N, cols);
+    for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
+      const int64_t r1 = std::min(M, r0 + kRowBlock);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t cols = std::min(kPanelCols, N - p * kPanelCols);
+        for (int64_t m = r0; m < r1; m += kTileRows)
+          panel_rows(std::min<int64_t>(kTileRows, r1 - m), xp + m * K, K, pp + p * panel_pairs,
+                     b.data() + p * kPanelCols, op + m * N + p * kPanelCols, N, cols);
+      }
     }
   });
   return out;

@@ -1,21 +1,23 @@
-"""Linear layers that decode fast on CPU under torch.compile.
+"""Linear layers that run fast on CPU, and give each row the same bits in any batch.
 
 For few rows (decode) a matrix-vector product is bound by reading the weight once from memory,
-and oneDNN/MKL reach a fraction of the memory bandwidth on small CPUs. Under compile, decode
-batches go through the C++ `research_rt::gemv` op (research_rt/kernels/csrc/gemv.cpp) where it
-builds, each row with the bits it gets alone. bfloat16 on AVX512-BF16 runs outer products over the
-weight packed once into column panels (csrc/panel_linear.cpp; the packed copy follows in-place edits
-of the weight, and writes through `.data` call `kernels.forget_packed_weights`): all of SmolLM2-135M's
-linears, Zen 5, 2 threads, 6.6 ms for one row (40 GB/s of weights), 11.5 ms for 8, 49 ms for 64,
-against 60-68 ms for the dot-product tiles it replaced and 58 ms for oneDNN with prepacked weights
-(benchmarks/RESULTS.md). float32 streams each weight once for up to 8 rows (16 take two passes) and
-hands more rows to oneDNN's GEMM. On CPUs with AMX the op runs bfloat16 up to 128 rows on tiles
-(csrc/amx_linear.cpp). Without the op a single row takes Inductor's `(w * x).sum(-1)`, one vectorised loop that
-streams the weight in its own dtype and accumulates in float32. Eager code (prefill) and larger
-batches without the op use `F.linear`, but an eager decode step (the model runner's, while the
-compiled step builds or with compile off) runs its linears through the op as the compiled step does
-(`decode_linears`): oneDNN's bfloat16 GEMM gives some rows of SmolLM2's down_proj (K = 1536) other
-bits at 16 rows and more than alone, so a request's greedy tokens could depend on its batch there.
+and oneDNN/MKL reach a fraction of the memory bandwidth on small CPUs. On CPU every linear of a
+float32 or bfloat16 model goes through the C++ `research_rt::gemv` op
+(research_rt/kernels/csrc/gemv.cpp) where it builds: in the compiled decode step, in eager decode
+steps (while the compiled step builds, or with compile off) and in prefill. bfloat16 on AVX512-BF16
+runs outer products over the weight packed once into column panels (csrc/panel_linear.cpp; the
+packed copy follows in-place edits of the weight, and writes through `.data` call
+`kernels.forget_packed_weights`), each output one float32 chain over K whatever the number of rows:
+a row's bits never depend on its batch, chunk or the requests beside it. oneDNN's bfloat16 GEMM
+gave some rows of SmolLM2's down_proj (K = 1536) other bits at 16-31 rows than at 32 and more, so a
+request's greedy tokens could depend on how its prompt was batched. All of SmolLM2-135M's linears,
+Zen 5, 2 threads: 6.6 ms for one row (40 GB/s of weights), 11.5 ms for 8, 49 ms for 64, against
+58 ms for oneDNN with prepacked weights; 32 / 128 / 512 / 2048 rows 24 / 92 / 352-395 / 1428 ms
+against `F.linear`'s 52 / 119 / 400-407 / 1461-1572 (benchmarks/RESULTS.md). float32 streams each
+weight once for up to 8 rows (16 take two passes) and hands more rows to oneDNN's GEMM. On CPUs with
+AMX the op runs bfloat16 up to 128 rows on tiles (csrc/amx_linear.cpp) and hands more to oneDNN.
+Without the op a single row under compile takes Inductor's `(w * x).sum(-1)`, one vectorised loop
+that streams the weight in its own dtype and accumulates in float32; everything else `F.linear`.
 
 For Inductor's loop the row `x` is materialized first (`materialize`, an opaque copy): left to itself Inductor inlines
 x's producer into the weight loop and recomputes it for every output row — the SiLU before
@@ -24,10 +26,6 @@ made the batch-1 decode step 1.6x faster (16.2 -> 9.9 ms, SmolLM2-135M bfloat16)
 """
 
 from __future__ import annotations
-
-import contextlib
-import contextvars
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,22 +54,6 @@ def _gemv_available() -> bool:
     return gemv_op() is not None
 
 
-_DECODE_STEP = contextvars.ContextVar("research_rt_decode_linears", default=False)
-
-
-@contextlib.contextmanager
-def decode_linears(enabled: bool = True) -> Iterator[None]:
-    """Within this block (on this thread), when `enabled`, eager linears take the gemv op as a
-    compiled decode step does, so each row gets the bits it would get alone. The model runner wraps
-    eager forwards in it, enabled for DECODE batches; prefill keeps oneDNN's GEMM, faster at hundreds
-    of rows."""
-    token = _DECODE_STEP.set(enabled)
-    try:
-        yield
-    finally:
-        _DECODE_STEP.reset(token)
-
-
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -79,14 +61,18 @@ def linear(
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias; a single row uses the weight-only kernel when the weight is `packed`
-    (see quant.py); under compile or in an eager decode step (`decode_linears`), the gemv op (or
-    for one row without it, under compile, the streaming loop)."""
+    (see quant.py); on CPU the gemv op (or for one row without it, under compile, the streaming
+    loop)."""
     if packed is not None and x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS:
         out = packed.matmul(x)
         return out if bias is None else out + bias
-    if x.dim() == 2 and (torch.compiler.is_compiling() or _DECODE_STEP.get()):
-        if x.device.type == "cpu" and x.dtype == weight.dtype in _GEMV_DTYPES and _gemv_available():
-            return torch.ops.research_rt.gemv(x, weight, bias)  # any rows (it picks its kernel)
+    if (
+        x.dim() == 2
+        and x.device.type == "cpu"
+        and x.dtype == weight.dtype in _GEMV_DTYPES
+        and _gemv_available()
+    ):
+        return torch.ops.research_rt.gemv(x, weight, bias)  # any rows (it picks its kernel)
     if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and torch.compiler.is_compiling():
         x = materialize(x)
         out = (weight[:, None, :].float() * x[None, :, :].float()).sum(-1).t()
@@ -106,7 +92,7 @@ def pack_decode_weights(model: nn.Module) -> None:
     weights = [w for w in weights if w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2]
     if not weights or not _gemv_available():  # only bfloat16 CPU weights are packed
         return
-    with torch.inference_mode(), decode_linears():
+    with torch.inference_mode():
         for w in weights:
             linear(w.new_zeros(1, w.shape[1]), w)
 
