@@ -29,6 +29,8 @@ class _Layer:
 def test_decode_attention(benchmark, bs):
     seq = 512
     pool = KVPool(bs * seq + 8, 1, 3, 64, torch.bfloat16, "cpu")
+    for buf in pool.k_buffers + pool.v_buffers:  # the pool starts uninitialized (but its dummy slot)
+        buf[1:].normal_()
     rows = torch.arange(1, bs * seq + 1).view(bs, seq)
     backend = TorchNativeAttnBackend()
     batch = ForwardBatch(
