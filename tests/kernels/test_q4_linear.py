@@ -93,6 +93,8 @@ def test_bad_layouts_are_refused():
     x = torch.randn(1, 64).bfloat16()
     with pytest.raises(RuntimeError, match="codes must be"):
         op(x, packed.qweight[:, :4].contiguous(), packed.scales, 32, 64)
+    with pytest.raises(RuntimeError, match="codes must be"):  # n must fill the last panel
+        op(x, packed.qweight, packed.scales, 32, 32)
     with pytest.raises(RuntimeError, match="scales must be"):
         op(x, packed.qweight, packed.scales[:, :1].contiguous(), 32, 64)
     with pytest.raises(RuntimeError, match="bfloat16"):

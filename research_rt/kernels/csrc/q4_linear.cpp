@@ -122,7 +122,7 @@ at::Tensor q4_linear(const at::Tensor& x_, const at::Tensor& codes, const at::Te
   const int64_t M = x.size(0), K = x.size(1), G = K / group, P = codes.size(0);
   TORCH_CHECK(group % 8 == 0 && K % group == 0, "q4_linear: K must be a multiple of the group, a multiple of 8");
   TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == at::kInt && codes.dim() == 3 &&
-                  codes.size(1) == K / 8 && codes.size(2) == kPanelCols && P * kPanelCols >= N,
+                  codes.size(1) == K / 8 && codes.size(2) == kPanelCols && P == (N + kPanelCols - 1) / kPanelCols,
               "q4_linear: codes must be [ceil(N / 32), K / 8, 32] int32");
   TORCH_CHECK(scales.is_contiguous() && scales.scalar_type() == at::kInt &&
                   scales.sizes() == at::IntArrayRef({P, G, kPanelCols}),
