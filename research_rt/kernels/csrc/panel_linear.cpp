@@ -28,7 +28,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <cstring>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -89,12 +88,6 @@ at::Tensor packed_weight(const at::Tensor& w) {
   return g_cache.emplace(w.data_ptr(), std::move(e)).first->second.packed;
 }
 
-inline uint32_t load_pair(const uint16_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 // Rows [0, R) of x (row stride K) times one panel: the 32 columns' sums, plus bias, rounded as
 // c10::BFloat16 rounds, stored to out (row stride N) for the panel's `cols` real columns.
 template <int R>
@@ -122,12 +115,7 @@ void panel_tile(const uint16_t* x, int64_t K, const uint32_t* panel, const float
     }
   }
   const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
-  const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-  for (int r = 0; r < R; ++r) {
-    _mm256_mask_storeu_epi16(out + r * N, m0, bf16_bits(_mm512_add_ps(a[r][0], b0)));
-    _mm256_mask_storeu_epi16(out + r * N + 16, m1, bf16_bits(_mm512_add_ps(a[r][1], b1)));
-  }
+  for (int r = 0; r < R; ++r) store32_bf16(out + r * N, _mm512_add_ps(a[r][0], b0), _mm512_add_ps(a[r][1], b1), cols);
 }
 
 template <int R = kTileRows>

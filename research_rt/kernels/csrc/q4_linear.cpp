@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
@@ -32,12 +31,6 @@ namespace {
 #if defined(__AVX512BF16__)
 constexpr int64_t kPanelCols = 32;
 constexpr int kTileRows = 2;  // rows per register tile: 2 x 4 x 2 group sums and 2 x 2 totals
-
-inline uint32_t load_pair(const uint16_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // Rows [0, R) of x (row stride K; `xsum` their groups' sums, row stride G) times one panel. Each
 // k-pair position p of an octet sums into its own register (4 chains a column vector: one chain
@@ -64,7 +57,7 @@ void q4_tile(const uint16_t* x, int64_t K, int64_t group, const uint32_t* codes,
         const __m512bh b0 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w0, 4 * p), low_nibbles, bias, 0xEA);
         const __m512bh b1 = (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(w1, 4 * p), low_nibbles, bias, 0xEA);
         for (int r = 0; r < R; ++r) {
-          const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(load_pair(x + r * K + k0 + 2 * p)));
+          const __m512bh xb = (__m512bh)_mm512_set1_epi32(static_cast<int>(research_rt::load_pair(x + r * K + k0 + 2 * p)));
           t[r][p][0] = _mm512_dpbf16_ps(t[r][p][0], xb, b0);
           t[r][p][1] = _mm512_dpbf16_ps(t[r][p][1], xb, b1);
         }
@@ -87,12 +80,7 @@ void q4_tile(const uint16_t* x, int64_t K, int64_t group, const uint32_t* codes,
       }
     }
   }
-  const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
-  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
-  for (int r = 0; r < R; ++r) {
-    _mm256_mask_storeu_epi16(out + r * N, m0, research_rt::bf16_bits(acc[r][0]));
-    _mm256_mask_storeu_epi16(out + r * N + 16, m1, research_rt::bf16_bits(acc[r][1]));
-  }
+  for (int r = 0; r < R; ++r) research_rt::store32_bf16(out + r * N, acc[r][0], acc[r][1], cols);
 }
 
 template <int R = kTileRows>

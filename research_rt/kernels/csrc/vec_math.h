@@ -3,6 +3,7 @@
 
 #include <c10/util/BFloat16.h>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace research_rt {
@@ -38,6 +39,20 @@ inline __m256i bf16_bits(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// 32 float32 values (lo, hi) rounded as bf16_bits does, stored to out's first `cols` (<= 32) values:
+// one output row of a 32-column panel (panel_linear.cpp, q4_linear.cpp)
+inline void store32_bf16(uint16_t* out, __m512 lo, __m512 hi, int64_t cols) {
+  const __mmask16 m0 = cols >= 16 ? 0xffff : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xffff : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+  _mm256_mask_storeu_epi16(out, m0, bf16_bits(lo));
+  _mm256_mask_storeu_epi16(out + 16, m1, bf16_bits(hi));
+}
+// the two 16-bit values at p as one 32-bit word (a bfloat16 pair to broadcast to every lane)
+inline uint32_t load_pair(const uint16_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 inline void store16(c10::BFloat16* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
 }
