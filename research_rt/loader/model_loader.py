@@ -15,7 +15,7 @@ from research_rt.kernels import forget_packed_weights
 from research_rt.loader import gguf_cache
 from research_rt.loader.resolve import ModelSource
 from research_rt.loader.weights import count_safetensors, iterate_gguf, iterate_safetensors
-from research_rt.models.layers.linear import pack_decode_weights
+from research_rt.models.layers.linear import pack_linear_weights
 from research_rt.models.registry import resolve_model_class
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _weights_written(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         forget_packed_weights()
-        pack_decode_weights(model)
+        pack_linear_weights(model)
 
 
 def load_model(

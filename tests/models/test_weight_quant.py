@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from research_rt.core.quant_config import WeightOnlyConfig
-from research_rt.models.layers.linear import Linear, linear
+from research_rt.models.layers.linear import Linear, linear, pack_linear_weights
 from research_rt.models.layers.packed_weight import quantize_weight
 from research_rt.models.layers.quant import quantize_model
 from research_rt.server_args import ServerArgs
@@ -81,6 +81,21 @@ def test_quantize_model_one_row_and_many_rows_agree():
     # unpacked linears are untouched by the one-row rule
     plain = torch.nn.Linear(16, 8)
     assert torch.allclose(linear(torch.ones(1, 16), plain.weight, plain.bias), plain(torch.ones(1, 16)))
+
+
+def test_dense_path_multiplies_by_the_dequantized_weights_after_load():
+    """The loader packs the gemv op's copy of each weight before quantization replaces the weights
+    with their dequantized values; batches (and prefill) must then multiply by the new values, not
+    the stale copy (before: off by up to 0.11 on this layer)."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(Linear(256, 96, bias=False)).to(torch.bfloat16)
+    pack_linear_weights(model)  # as the loader does after loading
+    quantize_model(model, WeightOnlyConfig(4, 32))
+    x = torch.randn(8, 256).to(torch.bfloat16)
+    want = x.float() @ model[0].weight.float().T
+    with torch.inference_mode():
+        got = model(x).float()
+    assert ((got - want).abs() <= want.abs() * 2**-7 + 1e-2).all(), (got - want).abs().max()
 
 
 def test_float32_models_are_refused():

@@ -82,10 +82,12 @@ def linear(
     return F.linear(x, weight, bias)
 
 
-def pack_decode_weights(model: nn.Module) -> None:
-    """Have the gemv op pack the weights decode steps multiply by now, not in the first decode step
-    (its bfloat16 kernel keeps a packed copy per weight: SmolLM2's first request took ~0.6 s longer):
-    every CPU `Linear`, and the input embedding where the LM head is tied to it."""
+def pack_linear_weights(model: nn.Module) -> None:
+    """Have the gemv op pack the weights its linears multiply by now, not in the first request (its
+    bfloat16 kernel keeps a packed copy per weight: SmolLM2's first request took ~0.6 s longer):
+    every CPU `Linear`, and the input embedding where the LM head is tied to it. Copies that are
+    current are kept; weights changed in place (version counter) or after `forget_packed_weights`
+    are packed again."""
     weights = [m.weight for m in model.modules() if isinstance(m, Linear)]
     if getattr(model, "lm_head", ...) is None:  # tied: compute_logits multiplies by embed_tokens
         weights.append(model.get_submodule("model.embed_tokens").weight)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from research_rt.core.quant_config import WeightOnlyConfig
-from research_rt.models.layers.linear import Linear
+from research_rt.models.layers.linear import Linear, pack_linear_weights
 from research_rt.models.layers.packed_weight import PackedWeight, quantize_weight
 
 
@@ -45,14 +45,17 @@ def quantize_model(model: nn.Module, config: WeightOnlyConfig) -> int:
             if isinstance(module, Linear) and name.rsplit(".", 1)[-1] != "lm_head":
                 module.packed = _pack_into(module.weight, config, module.packed)
                 count += 1
+    pack_linear_weights(model)  # the dense weights changed: the gemv op's packed copies follow now
     return count
 
 
 def _pack_into(weight: nn.Parameter, config: WeightOnlyConfig, existing: PackedWeight | None) -> PackedWeight:
     """Quantize `weight`; refill `existing` in place (after a weight update the compiled step keeps
     reading the same tensors) or return a new PackedWeight."""
-    packed, dequantized = quantize_weight(weight.data, config)
-    weight.data.copy_(dequantized)
+    packed, dequantized = quantize_weight(weight.detach(), config)
+    # in place on the parameter, not through `.data`: its version counter tells the gemv op that its
+    # packed copy (made at load) is stale; batches and prefill then multiply by the dequantized values
+    weight.copy_(dequantized)
     if existing is None:
         return packed
     existing.qweight.copy_(packed.qweight)
