@@ -187,6 +187,24 @@ def test_smollm2_bfloat16_shared_prefix_batch_and_chunks_match_alone():
         chunked.check_pool_integrity()
 
 
+@pytest.mark.slow
+def test_smollm2_int4wo_batch_and_shared_prefix_match_alone():
+    """`--torchao-config int4wo-32` on the real model: 4-bit linears for every row count
+    (`research_rt::q4_linear`), so a batch, and suffixes prefilled over a cached prefix, give each
+    request's greedy tokens alone. Before, batches and prefill multiplied by the dequantized bfloat16
+    weights and single rows by the 4-bit kernel: a server check gave 3 of 4 and 1 of 3."""
+    rng = random.Random(7)
+    prefix = [rng.randrange(3, 49000) for _ in range(60)]
+    items = [prefix + [rng.randrange(3, 49000) for _ in range(rng.randrange(5, 31))] for _ in range(4)]
+    items += [[rng.randrange(3, 49000) for _ in range(rng.randrange(8, 40))] for _ in range(4)]
+    params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+    with eager_engine(dtype="bfloat16", random_seed=0, torchao_config="int4wo-32") as engine:
+        alone = each_on_empty_cache(engine, items, params)
+        assert run_batch(engine, items, params) == alone
+        assert run_each(engine, items, params) == alone  # the suffixes over the cached prefix
+        engine.check_pool_integrity()
+
+
 @pytest.mark.parametrize("pool", [None, 400])
 def test_mixed_chunks_match(tiny_llama_dir, reference, pool):
     """--enable-mixed-chunk: running decodes ride along in prefill forwards (with a small pool:

@@ -58,6 +58,18 @@ def test_matches_the_layout_read_in_pytorch_and_the_dequantized_weights(n, k, gr
     assert close(got, x.float() @ deq.T)
 
 
+def test_a_row_keeps_its_bits_in_any_batch():
+    """Batches of any size (tiles of 2 rows; from 3 rows on over a panel decoded once) give each row
+    the bits it gets alone: `--torchao-config int4wo` serves every decode batch and prefill with the
+    op, and a request's greedy tokens must not depend on what runs beside it."""
+    packed, _ = quantized(3072, 576, 32, seed=1)
+    x = torch.randn(37, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
+    alone = torch.cat([packed.matmul(x[i : i + 1]) for i in range(len(x))])
+    for rows in (2, 3, 4, 5, 16, 37):
+        for start in range(0, len(x) - rows + 1, rows):
+            assert torch.equal(packed.matmul(x[start : start + rows]), alone[start : start + rows]), rows
+
+
 def test_smollm2_shapes_agree_with_aten_int4():
     """SmolLM2-135M's projections (K = 576 or 1536, groups of 32): what ATen's int4 kernel computes
     from the same codes and scales, up to its own rounding."""

@@ -63,8 +63,10 @@ def test_int4_reproduces_a_q4_1_grid():
 
 
 def test_quantize_model_one_row_and_many_rows_agree():
-    """A row alone (packed kernel) and the same row inside a batch (dense GEMM over the dequantized
-    weights) give the same result up to summation order: quantization changes the model once."""
+    """A row alone and the same row inside a batch give the same result: bit for bit where int4 runs
+    `research_rt::q4_linear` (every row count), else up to summation order (ATen's kernel for a row
+    alone, the dense product over the dequantized weights for a batch): quantization changes the
+    model once."""
     torch.manual_seed(2)
     model = torch.nn.Sequential(Linear(128, 96, bias=True), Linear(96, 64)).to(torch.bfloat16)
     original = model[0].weight.detach().clone()
@@ -74,6 +76,8 @@ def test_quantize_model_one_row_and_many_rows_agree():
     batched = model(x)
     alone = torch.cat([model(x[i : i + 1]) for i in range(8)])
     assert torch.allclose(alone.float(), batched.float(), rtol=2e-2, atol=2e-2)
+    if model[0].packed.any_rows:  # q4_linear (AVX512-BF16) serves the batch too
+        assert torch.equal(alone, batched)
     # requantizing (after a weight update) refills the same packed tensors
     qweight = model[0].packed.qweight
     quantize_model(model, WeightOnlyConfig(4, 32))

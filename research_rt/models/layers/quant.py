@@ -1,4 +1,4 @@
-"""Weight-only quantization for single-row decode (`--torchao-config int8wo | int4wo-<group>`).
+"""Weight-only quantization (`--torchao-config int8wo | int4wo-<group>`).
 
 Single-stream decode reads every weight once per token, so its speed is the memory bandwidth
 divided by the weights' size. Storing the weights in 8 or 4 bits and multiplying with ATen's
@@ -9,13 +9,17 @@ threads here, so 4 bits with bfloat16 rows on AVX512-BF16 run the C++ op `resear
 row against 7.1-8.4 ms in bfloat16 (panel kernel), single stream 130 against 80-89 tok/s
 (benchmarks/RESULTS.md).
 
-Those kernels are slower than a bfloat16 GEMM once a batch has more than a few rows (2.5x at 64
-rows here), so each quantized linear keeps two forms of ONE set of weights:
-- `packed`: the quantized weight in the kernel's layout, used for a single row (batch-1 decode);
-- the module's dense `weight`, overwritten with the dequantized values, used for every other shape
-  (prefill, batched decode).
+Each quantized linear keeps two forms of ONE set of weights:
+- `packed`: the quantized weight in the kernel's layout. `q4_linear` serves every row count
+  (decode batches, speculative verifies, prefill) and gives a row the same bits in any batch, so
+  int4wo greedy tokens do not depend on batching or cache hits (tests/engine/test_invariance.py);
+  from 16 rows on it takes 1.1-1.25x the bfloat16 panel kernel's time (per group it also combines
+  scale and offset; an Intel Xeon of family 6 model 207, 2 threads, 2026-12-07). ATen's kernels serve single rows only
+  (2.5x a bfloat16 GEMM at 64 rows), so with them a row's bits depend on its batch's size;
+- the module's dense `weight`, overwritten with the dequantized values, for the shapes `packed`
+  does not serve.
 Both forms hold the same numbers, so quantizing changes the model once, for all batch shapes;
-only summation order differs between the kernels (as it does between GEMV and GEMM anyway).
+only summation order differs between the kernels.
 
 int4wo-32 on a Q4_0 / Q4_1 GGUF checkpoint (the embedded SmolLM2) reproduces the file's own 4-bit
 grid: each block's minimum and maximum are grid points, so requantizing finds the same codes.
@@ -34,7 +38,7 @@ from research_rt.models.layers.packed_weight import PackedWeight, quantize_weigh
 def quantize_model(model: nn.Module, config: WeightOnlyConfig) -> int:
     """Quantize every research_rt `Linear` but the LM head, in place; return how many.
 
-    Each gets `packed` (used for single-row inputs) and its dense weight replaced by the
+    Each gets `packed` (see the module docstring for the rows it serves) and its dense weight replaced by the
     dequantized values (used for everything else). Calling it again (after a weight update)
     requantizes into the same packed tensors. The LM head (often tied to the embedding) keeps the
     model dtype, as torchao leaves it: on the embedded SmolLM2 its table is Q8_0, and 4-bit codes
