@@ -103,6 +103,23 @@ def test_rows_keep_batch_1_bits_past_64(k, n):
     torch.testing.assert_close(alone.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2 * k**0.5)
 
 
+def test_fma_tiles_keep_batch_1_bits_through_denormals_and_cancellation():
+    """From 16 rows on, Intel CPUs (VDPBF16PS at about half the FMA rate) take tiles of FMAs that
+    compute what VDPBF16PS computes (panel_linear.cpp), so a row's bits still do not depend on its
+    batch: here with denormal inputs and products, exact cancellations and large magnitudes."""
+    intel = "GenuineIntel" in open("/proc/cpuinfo").read()
+    assert torch.ops.research_rt.panel_fma_tiles() == intel
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(40, 71, generator=g) * 2.0 ** torch.randint(-40, 40, (40, 71), generator=g)
+    x[1], x[2], x[3] = -x[0], 1e-39, 1e-20  # cancels row 0; a denormal row; denormal products
+    w = torch.randn(50, 71, generator=g) * 2.0 ** torch.randint(-40, 40, (50, 71), generator=g)
+    w[4] = 1e-39
+    x, w, b = x.bfloat16(), w.bfloat16(), torch.randn(50, generator=g).bfloat16()
+    alone = torch.cat([op(x[i : i + 1], w, b) for i in range(40)])
+    for lo, hi in ((0, 40), (3, 20), (0, 16)):
+        assert torch.equal(op(x[lo:hi], w, b).view(torch.int16), alone[lo:hi].view(torch.int16)), (lo, hi)
+
+
 def test_loading_and_updating_pack_the_decode_weights(tiny_llama_dir):
     """The loader packs every weight a decode step multiplies by (each Linear, and the embedding
     where the LM head is tied to it) so the first request does not; an update packs them again."""
