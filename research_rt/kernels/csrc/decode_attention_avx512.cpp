@@ -203,6 +203,27 @@ inline void load_rows(const T* kh, const T* vh, const int64_t* slots, int64_t t0
   }
 }
 
+// Contiguous ranges of work items, one per thread, of about equal numbers of visible keys (a
+// thread's time): requests' lengths differ (W2: 32 to 640 keys), and equal numbers of requests left
+// one thread waiting for the other. Returns the ranges' bounds, first 0, last the item count.
+std::vector<int64_t> split_items(const bool* mask, int64_t B, int64_t Lk, int64_t items_per_req, int64_t parts) {
+  const int64_t n_items = B * items_per_req;
+  parts = std::max<int64_t>(1, std::min(parts, n_items));
+  std::vector<int64_t> keys(n_items + 1, 0);  // prefix sums of the items' keys (plus one for setup)
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t visible = 1 + std::count(mask + b * Lk, mask + (b + 1) * Lk, true);
+    for (int64_t i = b * items_per_req; i < (b + 1) * items_per_req; ++i) keys[i + 1] = keys[i] + visible;
+  }
+  std::vector<int64_t> bounds{0};
+  for (int64_t t = 1; t < parts; ++t) {  // the first item that starts at or past t / parts of the keys
+    const int64_t goal = keys[n_items] * t / parts;
+    const int64_t i = std::lower_bound(keys.begin(), keys.end(), goal) - keys.begin();
+    bounds.push_back(std::max(bounds.back(), std::min(n_items, i)));
+  }
+  bounds.push_back(n_items);
+  return bounds;
+}
+
 template <typename T, int ND>
 void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                           const at::Tensor& kv_indices, const at::Tensor& mask, double scale,
@@ -226,7 +247,7 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
   const int64_t items_per_req = KVH / heads_per_item;
   const int64_t span_bytes = ((heads_per_item - 1) * head_stride + D) * static_cast<int64_t>(sizeof(T));
 
-  at::parallel_for(0, B * items_per_req, 1, [&](int64_t begin, int64_t end) {
+  const auto run_items = [&](int64_t begin, int64_t end) {
     const int64_t HI = heads_per_item * G;  // query heads of one item
     std::vector<float> acc(HI * D), scores(HI * kBlock), probs(HI * kBlock), run_max(HI), run_sum(HI);
     std::vector<int64_t> slots(Lk);
@@ -301,6 +322,10 @@ void decode_kernel_avx512(const at::Tensor& q, const at::Tensor& k_buf, const at
         for (int64_t x = 0; x < D; ++x) dst[x] = static_cast<T>(acc[h * D + x] * inv);
       }
     }
+  };
+  const std::vector<int64_t> bounds = split_items(mp, B, Lk, items_per_req, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t t0, int64_t t1) {
+    run_items(bounds[t0], bounds[t1]);
   });
 }
 

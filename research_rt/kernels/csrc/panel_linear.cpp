@@ -187,8 +187,10 @@ struct FlushDenormals {
 
 at::Tensor xf_of(const at::Tensor& x) {  // float32 x, rows zero-padded to an even length
   const int64_t K = x.size(1);
-  at::Tensor xf = at::zeros({x.size(0), 2 * ((K + 1) / 2)}, x.options().dtype(at::kFloat));
+  if (K % 2 == 0) return x.to(at::kFloat);
+  at::Tensor xf = at::empty({x.size(0), K + 1}, x.options().dtype(at::kFloat));
   xf.narrow(1, 0, K).copy_(x);
+  xf.narrow(1, K, 1).zero_();
   return xf;
 }
 
