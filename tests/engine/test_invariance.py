@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from research_rt.kernels import q4_linear_op
 from tests.conftest import compiled_engine, eager_engine
 
 GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
@@ -188,17 +189,21 @@ def test_smollm2_bfloat16_shared_prefix_batch_and_chunks_match_alone():
 
 
 @pytest.mark.slow
-def test_smollm2_int4wo_batch_and_shared_prefix_match_alone():
-    """`--torchao-config int4wo-32` on the real model: 4-bit linears for every row count
-    (`research_rt::q4_linear`), so a batch, and suffixes prefilled over a cached prefix, give each
-    request's greedy tokens alone. Before, batches and prefill multiplied by the dequantized bfloat16
-    weights and single rows by the 4-bit kernel: a server check gave 3 of 4 and 1 of 3."""
+@pytest.mark.parametrize("quant", ["int4wo-32", "int8wo"])
+def test_smollm2_weight_only_batch_and_shared_prefix_match_alone(quant):
+    """`--torchao-config int4wo-32` / `int8wo` on the real model: the weight-only kernel for every row
+    count (`research_rt::q4_linear`, ATen's int8 kernel), so a batch, and suffixes prefilled over a
+    cached prefix, give each request's greedy tokens alone. Before, batches and prefill multiplied by
+    the dequantized bfloat16 weights and single rows by the quantized kernel: with int4wo a server
+    check gave 3 of 4 and 1 of 3."""
+    if quant.startswith("int4") and q4_linear_op() is None:
+        pytest.skip("ATen's int4 kernel (no AVX512-BF16) serves single rows only")
     rng = random.Random(7)
     prefix = [rng.randrange(3, 49000) for _ in range(60)]
     items = [prefix + [rng.randrange(3, 49000) for _ in range(rng.randrange(5, 31))] for _ in range(4)]
     items += [[rng.randrange(3, 49000) for _ in range(rng.randrange(8, 40))] for _ in range(4)]
     params = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
-    with eager_engine(dtype="bfloat16", random_seed=0, torchao_config="int4wo-32") as engine:
+    with eager_engine(dtype="bfloat16", random_seed=0, torchao_config=quant) as engine:
         alone = each_on_empty_cache(engine, items, params)
         assert run_batch(engine, items, params) == alone
         assert run_each(engine, items, params) == alone  # the suffixes over the cached prefix

@@ -24,10 +24,12 @@ class PackedWeight:
 
     @property
     def any_rows(self) -> bool:
-        """Whether `matmul` serves every row count: `q4_linear` gives a row the same bits in any batch and
-        costs 1.1-1.25x the bfloat16 panel kernel from 16 rows on; ATen's kernels serve single rows only
-        (2.5x bfloat16's time at 64 rows)."""
-        return self.n is not None
+        """Whether `matmul` serves every row count, giving a row the same bits in any batch:
+        `q4_linear` (1.1-1.25x the bfloat16 panel kernel's time from 16 rows on) and ATen's int8
+        kernel (1.6-2x at 64-512 rows, Intel Xeon, 2026-12-07; tests/engine/test_invariance.py checks
+        its rows). ATen's int4 kernel, where `q4_linear` does not run, serves single rows only (2.5x
+        bfloat16's time at 64 rows)."""
+        return self.n is not None or self.bits == 8
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x @ W.T [M, N] in x's dtype."""

@@ -10,12 +10,14 @@ row against 7.1-8.4 ms in bfloat16 (panel kernel), single stream 130 against 80-
 (benchmarks/RESULTS.md).
 
 Each quantized linear keeps two forms of ONE set of weights:
-- `packed`: the quantized weight in the kernel's layout. `q4_linear` serves every row count
-  (decode batches, speculative verifies, prefill) and gives a row the same bits in any batch, so
-  int4wo greedy tokens do not depend on batching or cache hits (tests/engine/test_invariance.py);
-  from 16 rows on it takes 1.1-1.25x the bfloat16 panel kernel's time (per group it also combines
-  scale and offset; an Intel Xeon of family 6 model 207, 2 threads, 2026-12-07). ATen's kernels serve single rows only
-  (2.5x a bfloat16 GEMM at 64 rows), so with them a row's bits depend on its batch's size;
+- `packed`: the quantized weight in the kernel's layout. `q4_linear` and ATen's int8 kernel serve
+  every row count (decode batches, speculative verifies, prefill) and give a row the same bits in
+  any batch, so int4wo / int8wo greedy tokens do not depend on batching or cache hits
+  (tests/engine/test_invariance.py). From 16 rows on `q4_linear` takes 1.1-1.25x the bfloat16 panel
+  kernel's time (per group it also combines scale and offset), ATen's int8 kernel 1.6-2x (an Intel
+  Xeon of family 6 model 207, 2 threads, 2026-12-07). ATen's int4 kernel (CPUs without
+  AVX512-BF16) serves single rows only (2.5x a bfloat16 GEMM at 64 rows), so there a row's bits
+  depend on its batch's size;
 - the module's dense `weight`, overwritten with the dequantized values, for the shapes `packed`
   does not serve.
 Both forms hold the same numbers, so quantizing changes the model once, for all batch shapes;
