@@ -1,4 +1,4 @@
-// 4-bit weight-only linear layers for decode on AVX512-BF16 (`--torchao-config int4wo-<group>`):
+// 4-bit weight-only linear layers on AVX512-BF16 (`--torchao-config int4wo-<group>`), every row count:
 // out[m, n] = sum_k x[m, k] * w[n, k] with w[n, k] = (q[n, k] - 8) * s[n, g] + z[n, g], q in 0..15,
 // one bfloat16 scale s and offset z per group g of `group` consecutive k (the form ATen's
 // `_weight_int4pack_mm_for_cpu` computes; on a Q4_0 / Q4_1 GGUF these are the file's own codes).
@@ -32,9 +32,6 @@ namespace {
 constexpr int64_t kPanelCols = 32;
 constexpr int kTileRows = 2;  // rows per register tile: 2 x 4 x 2 group sums and 2 x 2 totals
 
-// Rows [0, R) of x (row stride K; `xsum` their groups' sums, row stride G) times one panel. Each
-// k-pair position p of an octet sums into its own register (4 chains a column vector: one chain
-// waited on VDPBF16PS's latency, 22 GB/s of codes at one row).
 // The pairs `q4_tile` multiplies by for k-pair p of an octet: (word >> 4p) & 0x000f000f | 0x43004300,
 // VPTERNLOGD with (A & B) | C = 0xEA.
 inline __m512i q4_pairs(__m512i word, int p) {
@@ -53,6 +50,9 @@ void q4_decode_panel(const uint32_t* codes, int64_t octets, uint32_t* pairs) {
     }
 }
 
+// Rows [0, R) of x (row stride K; `xsum` their groups' sums, row stride G) times one panel. Each
+// k-pair position p of an octet sums into its own register (4 chains a column vector: one chain
+// waited on VDPBF16PS's latency, 22 GB/s of codes at one row).
 // `Decoded`: `codes` holds q4_decode_panel's pairs, not the packed words; the arithmetic is the same.
 template <int R, bool Decoded>
 void q4_tile(const uint16_t* x, int64_t K, int64_t group, const uint32_t* codes, const uint32_t* scales,
