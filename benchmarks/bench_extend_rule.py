@@ -1,5 +1,5 @@
 """One request's prefill attention, the extend op against padded SDPA, over prompts and cached
-prefixes: the data behind `extend_op_wins` (executor/attention/torch_native.py) for one request.
+prefixes, for one request (the backend runs the op for every extend: executor/attention/torch_native.py).
 SmolLM2-135M's layer shape, bfloat16, best of 5 (benchmarks/bench_extend_attention.py's timing).
 
 PYTHONPATH=. .venv/bin/python -m benchmarks.bench_extend_rule

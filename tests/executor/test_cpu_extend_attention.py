@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from research_rt.core.forward_batch import ForwardMode
 from research_rt.executor.attention.torch_native import TorchNativeAttnBackend
-from research_rt.kernels import amx_linear_available, extend_attention_op, extend_attention_products
+from research_rt.kernels import amx_linear_available, extend_attention_op
 
 pytestmark = pytest.mark.skipif(
     extend_attention_op(torch.bfloat16, 64) is None, reason="the op needs the C++ extension and AVX512-BF16"
@@ -148,26 +148,18 @@ def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
 
 
 @pytest.mark.parametrize(
-    "prefix_lens,extend_lens,path",
-    [
-        ([0, 5], [40, 300], "op"),
-        ([0], [37], "op"),
-        ([0], [300], "sdpa" if extend_attention_products() == 2 else "op"),
-        ([1024], [300], "sdpa" if extend_attention_products() == 2 else "op"),
-        ([1024], [32], "op"),
-    ],
+    "prefix_lens,extend_lens",
+    [([0, 5], [40, 300]), ([0], [37]), ([0], [300]), ([1024], [300]), ([1024], [32])],
 )
-def test_backend_takes_the_op_where_it_wins(prefix_lens, extend_lens, path):
-    """Several requests or one short prompt: the op; one long prompt: the op too, except where its
-    products are float32 FMAs (Intel without AMX), where SDPA wins (extend_op_wins)."""
+def test_backend_takes_the_op_for_every_extend(prefix_lens, extend_lens):
+    """Several requests, one short prompt, one long prompt, a suffix over a cached prefix: always the
+    op, whatever its products on this CPU, so a request's rows have the same bits alone and in a
+    batch. (SDPA for one long prompt where the products are float32 gave it other bits.)"""
     q, k_buf, v_buf, meta = make_case(9, 3, 64, prefix_lens, extend_lens, seed=5)
     layer = SimpleNamespace(scaling=0.125, num_heads=9, num_kv_heads=3, head_dim=64)
     batch = SimpleNamespace(attn_metadata=meta)
     got = TorchNativeAttnBackend._extend(q, k_buf, v_buf, layer, batch)
-    if path == "op":
-        expected = extend_attention_op(torch.bfloat16, 64)(
-            q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125
-        )
-    else:
-        expected = TorchNativeAttnBackend._sdpa_extend(q, k_buf, v_buf, layer, batch)
+    expected = extend_attention_op(torch.bfloat16, 64)(
+        q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125
+    )
     assert torch.equal(got, expected)

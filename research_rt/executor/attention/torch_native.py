@@ -5,8 +5,11 @@ Extend: keys and values are gathered from the pool into a padded [B, KVH, Lk, D]
 batched index, and `scaled_dot_product_attention` runs over all requests at once with an explicit
 mask (grouped-query heads via `enable_gqa`); no Python loop over requests. On CPUs with
 AVX512-BF16, bfloat16 extends run the `extend_attention` op instead, straight over the pool and
-without the padding, wherever it wins (`extend_op_wins`: everywhere but one long prompt on a CPU
-where the op's products are float32).
+without the padding, every one of them: a request's rows must have the same bits alone, beside
+others and over a cached prefix. (SDPA for one long prompt where the op's products are float32, up
+to 1.4x faster on an Intel Xeon without AMX, gave such a prompt other bits than the op gives it in a
+batch: 4 of 8 requests sharing a 300-token prefix got other greedy tokens alone than together,
+2026-12-07.)
 Decode: the `decode_attention` op, or its equivalent in products and sums for Inductor.
 """
 
@@ -23,7 +26,6 @@ from research_rt.kernels import (
     decode_attention_op,
     decode_attention_vectorized,
     extend_attention_op,
-    extend_attention_products,
     store_rows_op,
 )
 
@@ -159,14 +161,10 @@ class TorchNativeAttnBackend(AttentionBackend):
         q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
     ) -> torch.Tensor:
         """Each request's new tokens over its cached and new keys: the C++ op (bfloat16, AVX512-BF16)
-        where `extend_op_wins`, else SDPA."""
+        where it runs, else SDPA."""
         meta = batch.attn_metadata
         op = extend_attention_op(q.dtype, layer.head_dim) if q.device.type == "cpu" else None
-        if (
-            op is not None
-            and q.dtype == k_buf.dtype
-            and extend_op_wins(meta.extend_lens.numel(), q.shape[0], extend_attention_products())
-        ):
+        if op is not None and q.dtype == k_buf.dtype:
             return op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, layer.scaling)
         return TorchNativeAttnBackend._sdpa_extend(q, k_buf, v_buf, layer, batch)
 
@@ -218,21 +216,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.einsum("bhgk,bkhd->bhgd", probs, values)
         return out.reshape(bs, layer.num_heads * d)
-
-
-def extend_op_wins(n_requests: int, n_tokens: int, products: int) -> bool:
-    """Whether the extend op beats padded SDPA (benchmarks/bench_extend_attention.py and
-    bench_extend_rule.py, SmolLM2 layer, 2 cores), given the op's `products` here (1 VDPBF16PS on
-    bfloat16 pairs, 2 float32 FMAs, 3 AMX tiles: `extend_attention_products`). It computes only the
-    causal work, straight from the pool: 8 prompts of 32-512 tokens 3.2x, 32 suffixes of 32 after a
-    1024-token prefix 1.3x, one 37-token prompt 3.5x. One long request is SDPA's best case (no
-    padding; oneDNN's AMX kernels where the CPU has them), and only there do float32 products lose:
-    one 1024-token prompt 1.0x, 512 new after 1536 cached 0.7x (Xeon without AMX tiles for the op).
-    Where VDPBF16PS runs at full rate (products 1, AMD Zen 5) the op wins everywhere measured: one
-    prompt of 256-2048 tokens 3.8-4.5x, 512 new after 512-3584 cached 2.4-3.1x (2026-12-06); with AMX
-    tiles one prompt of 256-2048 tokens 2.2-2.7x, 512 new after 512-3584 cached 1.2-1.6x (2026-12-06,
-    Xeon with AMX)."""
-    return products in (1, 3) or n_requests > 1 or n_tokens <= 256
 
 
 @torch.compiler.assume_constant_result  # a constant of the build and the CPU: no lookup in the graph
