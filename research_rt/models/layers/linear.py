@@ -63,8 +63,8 @@ def linear(
     packed: PackedWeight | None = None,
 ) -> torch.Tensor:
     """x @ weight.T + bias; a weight that is `packed` (quant.py) takes its weight-only kernel (for a
-    single row, or any rows with `research_rt::q4_linear`); on CPU the gemv op (or for one row without it, under compile, the streaming
-    loop)."""
+    single row, or any rows where `packed.any_rows`); else on CPU the gemv op (or for one row
+    without it, under compile, the streaming loop)."""
     if packed is not None and x.dim() == 2 and (x.shape[0] <= GEMV_MAX_ROWS or packed.any_rows):
         out = packed.matmul(x)
         return out if bias is None else out + bias
