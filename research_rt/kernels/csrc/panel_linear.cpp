@@ -100,6 +100,9 @@ at::Tensor packed_weight(const at::Tensor& w) {
 // 2026-12-07; W2 prefill 76% of its samples in these tiles, at ~275 GFLOP/s).
 // `fma_tiles_match` checks at first use that both flavours give the same bits on this CPU; only then
 // does a call mix them.
+template <int R>
+[[gnu::always_inline]] inline void panel_sums(const uint16_t* x, int64_t K, const uint32_t* panel, __m512 (&a)[R][2]);
+
 template <int R, bool Fma>
 void panel_tile(const uint16_t* x, const float* xf, int64_t K, const uint32_t* panel, const float* bias,
                 uint16_t* out, int64_t N, int64_t cols) {
@@ -126,11 +129,17 @@ void panel_tile(const uint16_t* x, const float* xf, int64_t K, const uint32_t* p
         a[r][1] = _mm512_fmadd_ps(xe, even1, a[r][1]);
       }
     }
-    const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
-    for (int r = 0; r < R; ++r)
-      store32_bf16(out + r * N, _mm512_add_ps(a[r][0], b0), _mm512_add_ps(a[r][1], b1), cols);
-    return;
+  } else {
+    panel_sums<R>(x, K, panel, a);
   }
+  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
+  for (int r = 0; r < R; ++r) store32_bf16(out + r * N, _mm512_add_ps(a[r][0], b0), _mm512_add_ps(a[r][1], b1), cols);
+}
+
+// The VDPBF16PS flavour of panel_tile's sums: rows [0, R) of x (row stride K) into a (inlined: the
+// sums stay in registers).
+template <int R>
+[[gnu::always_inline]] inline void panel_sums(const uint16_t* x, int64_t K, const uint32_t* panel, __m512 (&a)[R][2]) {
   const int64_t pairs = K / 2;
   for (int64_t kk = 0; kk < pairs; ++kk) {
     const __m512bh w0 = (__m512bh)_mm512_loadu_si512(panel + kk * kPanelCols);
@@ -150,8 +159,6 @@ void panel_tile(const uint16_t* x, const float* xf, int64_t K, const uint32_t* p
       a[r][1] = _mm512_dpbf16_ps(a[r][1], xb, w1);
     }
   }
-  const __m512 b0 = _mm512_loadu_ps(bias), b1 = _mm512_loadu_ps(bias + 16);
-  for (int r = 0; r < R; ++r) store32_bf16(out + r * N, _mm512_add_ps(a[r][0], b0), _mm512_add_ps(a[r][1], b1), cols);
 }
 
 template <bool Fma, int R = kTileRows>
