@@ -90,6 +90,7 @@ def _load() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # compiled graphs ask too (row ops): a constant, no lock traced
 def _loaded() -> bool:
     if os.environ.get("RESEARCH_RT_CPU_KERNELS", "1") == "0":
         return False
@@ -150,19 +151,19 @@ def extend_attention_products() -> int:
 
 def rms_norm_op():
     """`research_rt::rms_norm` (csrc/rms_norm_silu.cpp): models/layers/norm.py's RMSNorm in one pass
-    over each row, for eager float32/bfloat16 CPU code; or None."""
+    over each row, for float32/bfloat16 CPU inference (eager and compiled); or None."""
     return torch.ops.research_rt.rms_norm if _loaded() else None
 
 
 def rotary_op():
     """`research_rt::rotary` (csrc/rotary.cpp): models/layers/rotary.py's rotation of q and k in one
-    pass, with the same roundings, for eager float32/bfloat16 CPU code; or None."""
+    pass, with the same roundings, for float32/bfloat16 CPU inference (eager and compiled); or None."""
     return torch.ops.research_rt.rotary if _loaded() else None
 
 
 def silu_mul_op():
     """`research_rt::silu_mul` (csrc/rms_norm_silu.cpp): silu(gate) * up of a fused gate_up
-    projection in one pass, for eager float32/bfloat16 CPU code; or None."""
+    projection in one pass, for float32/bfloat16 CPU inference (eager and compiled); or None."""
     return torch.ops.research_rt.silu_mul if _loaded() else None
 
 

@@ -19,7 +19,7 @@ from research_rt.kernels import silu_mul_op
 from research_rt.models.layers import Attention, RMSNorm, RotaryEmbedding
 from research_rt.models.layers.intervention import ablate_heads, ablate_neurons, intervene
 from research_rt.models.layers.linear import Linear, linear
-from research_rt.models.layers.norm import eager_cpu_op
+from research_rt.models.layers.norm import cpu_row_op
 from research_rt.models.protocol import KVSpec
 from research_rt.models.registry import register_model
 
@@ -36,7 +36,7 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        op = eager_cpu_op(gate_up, gate_up.dtype, silu_mul_op)  # one pass in eager prefill
+        op = cpu_row_op(gate_up, gate_up.dtype, silu_mul_op)  # one pass, eager or compiled
         if op is not None:
             act = op(gate_up)
         else:

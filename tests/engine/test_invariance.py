@@ -150,19 +150,43 @@ def test_smollm2_invariance(smollm_compiled_engine):
         chunked.check_pool_integrity()
 
 
-@pytest.mark.slow
-def test_smollm2_bfloat16_eager_decode_batch_matches_alone():
-    """The real model in bfloat16 (the default dtype on this CPU) with eager decode steps, as in the
-    window after a cold start while the compiled step builds (here: compile off): a batch of 20 gives
-    each request's greedy tokens alone. Eager linears take the gemv op as the compiled step does
-    (models/layers/linear.py); through oneDNN's GEMM, whose rows of down_proj change bits at 16 rows
-    and more, 13 of these 20 matched."""
+BF16_GREEDY = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def bf16_items_and_eager_alone():
+    """20 random prompts of 8-39 tokens and each one's greedy tokens alone on an empty cache, from
+    the real model in bfloat16 (the default dtype on this CPU) with eager decode steps."""
     rng = random.Random(3)
     items = [[rng.randrange(3, 49000) for _ in range(rng.randrange(8, 40))] for _ in range(20)]
-    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
     with eager_engine(dtype="bfloat16", random_seed=0) as engine:
-        alone = each_on_empty_cache(engine, items, params)
-        assert run_batch(engine, items, params) == alone
+        yield items, each_on_empty_cache(engine, items, BF16_GREEDY), engine
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_eager_decode_batch_matches_alone(bf16_items_and_eager_alone):
+    """Eager decode steps, as in the window after a cold start while the compiled step builds (here:
+    compile off): a batch of 20 gives each request's greedy tokens alone. Eager linears take the gemv
+    op as the compiled step does (models/layers/linear.py); through oneDNN's GEMM, whose rows of
+    down_proj change bits at 16 rows and more, 13 of these 20 matched."""
+    items, alone, engine = bf16_items_and_eager_alone
+    assert run_batch(engine, items, BF16_GREEDY) == alone
+    engine.check_pool_integrity()
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_compiled_decode_matches_eager(bf16_items_and_eager_alone):
+    """Compile on, as `make serve` runs once its background compile is done: the same greedy tokens
+    as eager decode steps, alone and in a batch, so a request that spans the switch from eager to
+    compiled steps (or a step that runs eager because a request of it steers) keeps its tokens.
+    Compiled graphs used to run Inductor's fusion of RMSNorm, SiLU-and-mul and rotary (float32
+    intermediates, another order of the sum of squares) where eager steps ran the C++ row ops: prompt
+    1 here changed at its 15th token, and a server check gave 2 of 3 across the switch."""
+    items, alone, _ = bf16_items_and_eager_alone
+    with compiled_engine(dtype="bfloat16", random_seed=0) as engine:
+        assert engine.compiled_decode() == ["1", "2+"]
+        assert run_batch(engine, items, BF16_GREEDY) == alone
+        assert each_on_empty_cache(engine, items[:4], BF16_GREEDY) == alone[:4]
         engine.check_pool_integrity()
 
 

@@ -7,8 +7,9 @@
 // product rounded), so they round as the PyTorch code does; only the order of the sum of squares and
 // the exp differ, by float32 rounding. Eager ATen ran RMSNorm as ~8 ops (float copy, pow, mean, add,
 // rsqrt, mul, cast, mul) and SiLU-and-mul as 2, each a pass over [tokens, D] in memory: ~1.5 s of W2's
-// 29 s on the Zen 5 machine (torch.profiler, benchmarks/RESULTS.md). Compiled graphs keep the PyTorch
-// code, which Inductor fuses itself. float32 and bfloat16; rows shared among threads.
+// 29 s on the Zen 5 machine (torch.profiler, benchmarks/RESULTS.md). Compiled graphs call these ops
+// too, so a step has the same bits compiled and eager (Inductor's own fusion keeps bfloat16
+// intermediates in float32 and sums in another order). float32 and bfloat16; rows shared among threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

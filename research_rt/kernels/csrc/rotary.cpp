@@ -1,4 +1,4 @@
-// Rotary position embedding (rotate-half layout) of q and k in one pass, for eager CPU prefill:
+// Rotary position embedding (rotate-half layout) of q and k in one pass, for CPU inference:
 //   research_rt::rotary(positions [T], q [T, H, D], k [T, KVH, D], cos [P, D], sin [P, D]) -> (q', k')
 //   x' = x * c + rotate_half(x) * s,  c = cos[positions].to(x.dtype), s likewise,
 //   rotate_half(x) = cat(-x[.., D/2:], x[.., :D/2])
@@ -10,7 +10,8 @@
 // tensor neg, cat, two muls, add): 342-634 us for one 512-token chunk of SmolLM2 (9 + 3 heads of 64,
 // bfloat16) against 116-137 us here, memory-bound (2 threads, AMD EPYC Zen 5 in a slow phase;
 // RESULTS.md). q and k may be views into a fused qkv row (any token stride, heads contiguous); the
-// results are contiguous. Compiled graphs keep the PyTorch code, which Inductor fuses.
+// results are contiguous. Compiled graphs call it too: Inductor's fusion of the PyTorch code keeps the
+// products in float32, so compiled decode steps gave other bits than eager ones.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

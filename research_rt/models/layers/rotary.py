@@ -3,9 +3,9 @@
 The inverse frequencies come from `transformers.modeling_rope_utils` for scaled variants (llama3,
 linear, yarn, ...), so a Llama-3 checkpoint's `rope_scaling` is honoured without re-deriving it.
 
-Eager CPU code (prefill) rotates q and k with the C++ op `research_rt::rotary` where it built: the
-same roundings in one pass instead of ~14 ATen ops (kernels/csrc/rotary.cpp). Compiled graphs keep
-the PyTorch code below, which Inductor fuses.
+On CPU, q and k are rotated by the C++ op `research_rt::rotary` where it built: the same roundings
+in one pass instead of ~14 ATen ops (kernels/csrc/rotary.cpp), in eager code and compiled graphs
+alike (Inductor's fusion of the PyTorch code below keeps the products in float32: other bits).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, H, D], k: [T, KVH, D] -> rotated (in q's dtype)."""
-        if self._eager_cpu(q, k):
+        if self._cpu_op_takes(q, k):
             op = rotary_op()
             if op is not None:
                 return op(positions, q, k, self.cos, self.sin)
@@ -65,9 +65,9 @@ class RotaryEmbedding(nn.Module):
         sign = self.half_sign.to(q.dtype)
         return q * cos + _rotate_half(q, sign) * sin, k * cos + _rotate_half(k, sign) * sin
 
-    def _eager_cpu(self, q: torch.Tensor, k: torch.Tensor) -> bool:
-        """Whether this is eager inference on CPU tensors the op takes (else the PyTorch code)."""
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or q.device.type != "cpu":
+    def _cpu_op_takes(self, q: torch.Tensor, k: torch.Tensor) -> bool:
+        """Whether this is inference on CPU tensors the op takes (else the PyTorch code)."""
+        if torch.is_grad_enabled() or q.device.type != "cpu":
             return False
         return q.dtype in _OP_DTYPES and k.dtype == q.dtype and self.cos.dtype == torch.float32
 
