@@ -87,12 +87,17 @@ def test_switch_off_gives_pytorch_path(monkeypatch):
     assert TorchNativeAttnBackend().decode_op is None
 
 
+@pytest.mark.parametrize("head_dim", [64, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batches_take_the_op_where_it_is_vectorized(dtype):
-    """Beyond batch 1 the backend calls the op where its AVX-512 path runs (eager, and in a graph
-    whose batch dimension is dynamic, as the compiled batch-2+ decode step is), with the PyTorch
-    path's result; elsewhere it keeps Inductor's fused decode."""
-    q, k_buf, v_buf, meta = make_case(6, 9, 3, 64, dtype, seed=3, pad_rows=2)
+def test_batches_take_the_op_eager_and_compiled(dtype, head_dim):
+    """Beyond batch 1 the backend calls the op, eager and in a graph whose batch dimension is dynamic
+    (as the compiled batch-2+ decode step is), whether or not its AVX-512 path divides the head size,
+    with the PyTorch path's result; and the compiled step's bits are the eager step's. (Heads of 16
+    took the einsum eager and Inductor's fused decode compiled: other bits, and a tiny Llama's greedy
+    tokens changed with compile on.)"""
+    if op is None:
+        pytest.skip("the C++ ops did not build")
+    q, k_buf, v_buf, meta = make_case(6, 9, 3, head_dim, dtype, seed=3, pad_rows=2)
     backend = TorchNativeAttnBackend()
     calls = []
 
@@ -101,7 +106,7 @@ def test_batches_take_the_op_where_it_is_vectorized(dtype):
         return op(*args)
 
     backend.decode_op = counting_op
-    layer = SimpleNamespace(num_heads=9, num_kv_heads=3, head_dim=64, scaling=0.125)
+    layer = SimpleNamespace(num_heads=9, num_kv_heads=3, head_dim=head_dim, scaling=head_dim**-0.5)
 
     def decode(q, kv_indices, attn_mask):
         m = type(meta)(kv_indices, attn_mask)
@@ -113,15 +118,16 @@ def test_batches_take_the_op_where_it_is_vectorized(dtype):
             ForwardBatch(ForwardMode.DECODE, q.shape[0], None, None, None, m),
         )
 
-    ref = reference(q, k_buf, v_buf, meta, 0.125)
+    ref = reference(q, k_buf, v_buf, meta, head_dim**-0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(decode(q, meta.kv_indices, meta.attn_mask).float(), ref, atol=tol, rtol=tol)
-    assert calls == ([8] if decode_attention_vectorized(dtype, 64) else [])
+    eager = decode(q, meta.kv_indices, meta.attn_mask)
+    torch.testing.assert_close(eager.float(), ref, atol=tol, rtol=tol)
+    assert calls == [8]
     compiled = torch.compile(decode, fullgraph=True)
     for t in (q, meta.kv_indices, meta.attn_mask):
         torch._dynamo.mark_dynamic(t, 0, min=2, max=64)  # as graph_runner marks the batch-2+ graph
-    torch.testing.assert_close(compiled(q, meta.kv_indices, meta.attn_mask).float(), ref, atol=tol, rtol=tol)
-    assert len(calls) == (2 if decode_attention_vectorized(dtype, 64) else 0)  # traced into the graph
+    assert torch.equal(compiled(q, meta.kv_indices, meta.attn_mask), eager)
+    assert len(calls) == 2  # traced into the graph
 
 
 def make_shared_case(bs, shared, pad_rows, seed, loners=0):

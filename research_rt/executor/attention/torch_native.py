@@ -24,7 +24,6 @@ from research_rt.core.forward_batch import ForwardBatch, ForwardMode
 from research_rt.executor.attention.base import AttentionBackend
 from research_rt.kernels import (
     decode_attention_op,
-    decode_attention_vectorized,
     extend_attention_op,
     store_rows_op,
 )
@@ -197,12 +196,16 @@ class TorchNativeAttnBackend(AttentionBackend):
         bs, kvh, d = batch.batch_size, layer.num_kv_heads, layer.head_dim
         group = layer.num_heads // kvh
         meta = batch.attn_metadata
-        # batch 1: 3-5x Inductor's fused decode; larger batches only where the op's AVX-512 path runs
-        # (1.9x at batch 64 in bfloat16 from DRAM; its portable loops were slower: RESULTS.md)
+        # Every batch, eager and compiled: the same op, the same bits (a step compiled and the same step
+        # eager, as in the window before the compiled step is ready, must agree). Batch 1: 3-5x
+        # Inductor's fused decode; batch 64 in bfloat16 from DRAM 1.9x where its AVX-512 path runs; its
+        # portable loops (head sizes the vectors do not divide) were slower (RESULTS.md), but the
+        # einsum below and Inductor's fusion of `_decode_fused` gave other bits: a tiny Llama with
+        # 16-wide heads changed 7 of 12 greedy continuations with compile on.
         use_op = (
             self.decode_op is not None and q.device.type == "cpu" and q.dtype == k_buf.dtype in _OP_DTYPES
         )
-        if use_op and (bs == 1 or _vectorized(q.dtype, d)):
+        if use_op:
             queries = q.reshape(bs, layer.num_heads, d)
             return self.decode_op(queries, k_buf, v_buf, meta.kv_indices, meta.attn_mask, layer.scaling)
         keys = k_buf[meta.kv_indices].to(q.dtype)  # [B, Lk, KVH, D]
@@ -216,11 +219,6 @@ class TorchNativeAttnBackend(AttentionBackend):
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.einsum("bhgk,bkhd->bhgd", probs, values)
         return out.reshape(bs, layer.num_heads * d)
-
-
-@torch.compiler.assume_constant_result  # a constant of the build and the CPU: no lookup in the graph
-def _vectorized(dtype: torch.dtype, head_dim: int) -> bool:
-    return decode_attention_vectorized(dtype, head_dim)
 
 
 def _decode_fused(
