@@ -64,23 +64,28 @@ def setup(prefix_lens, extend_lens, num_heads, num_kv_heads, seed):
     return pool, rt, rows, all_keys, all_vals, qs, ks, vs, torch.cat(out_loc), layer
 
 
-def run_backend(mode, prefix_lens, extend_lens, num_heads, num_kv_heads, seed=0):
-    pool, rt, rows, all_keys, all_vals, qs, ks, vs, out_loc, layer = setup(
-        prefix_lens, extend_lens, num_heads, num_kv_heads, seed
-    )
+def make_batch(mode, prefix_lens, extend_lens, table_rows, out_loc, pool) -> ForwardBatch:
     kv_indices, mask, q_gather, q_scatter = build_attention_metadata(
-        mode, prefix_lens, extend_lens, rt.table[torch.tensor(rows)]
+        mode, prefix_lens, extend_lens, table_rows
     )
-    batch = ForwardBatch(
+    lens = [torch.tensor(x, dtype=torch.int64) for x in (prefix_lens, extend_lens)]
+    return ForwardBatch(
         mode=mode,
         batch_size=len(prefix_lens),
         input_ids=torch.zeros(len(out_loc), dtype=torch.int64),
         positions=torch.zeros(len(out_loc), dtype=torch.int64),
         out_cache_loc=out_loc,
-        attn_metadata=TorchNativeMetadata(kv_indices, mask, q_gather, q_scatter),
+        attn_metadata=TorchNativeMetadata(kv_indices, mask, q_gather, q_scatter, *lens),
         kv_pool=pool,
         attn_backend=TorchNativeAttnBackend(),
     )
+
+
+def run_backend(mode, prefix_lens, extend_lens, num_heads, num_kv_heads, seed=0):
+    pool, rt, rows, all_keys, all_vals, qs, ks, vs, out_loc, layer = setup(
+        prefix_lens, extend_lens, num_heads, num_kv_heads, seed
+    )
+    batch = make_batch(mode, prefix_lens, extend_lens, rt.table[torch.tensor(rows)], out_loc, pool)
     q = torch.cat(qs)  # [T, H, D] as the models pass it
     out = batch.attn_backend.forward(q, torch.cat(ks), torch.cat(vs), layer, batch)
     assert out.shape == (len(out_loc), num_heads * D)
@@ -92,6 +97,22 @@ def run_backend(mode, prefix_lens, extend_lens, num_heads, num_kv_heads, seed=0)
         want = naive(qs[b], all_keys[b], all_vals[b], p, layer.scaling, num_heads, num_kv_heads)
         got = out[start : start + e]
         assert torch.allclose(got, want, atol=1e-9, rtol=1e-7), f"request {b} differs"
+        start += e
+
+
+def test_sdpa_extend_gives_each_request_its_bits_alone():
+    """The SDPA path (no C++ op for float64): a request's rows in a batch are the bits it gets as a
+    batch of one (SDPA over a padded batch changed them: see _sdpa_extend)."""
+    prefix_lens, extend_lens = [0, 5, 2, 9, 0], [4, 1, 7, 3, 11]
+    pool, rt, rows, _, _, qs, ks, vs, out_loc, layer = setup(prefix_lens, extend_lens, 4, 2, seed=2)
+    table = rt.table[torch.tensor(rows)]
+    batch = make_batch(ForwardMode.EXTEND, prefix_lens, extend_lens, table, out_loc, pool)
+    out = batch.attn_backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), layer, batch)
+    start = 0
+    for b, (p, e) in enumerate(zip(prefix_lens, extend_lens)):
+        one = make_batch(ForwardMode.EXTEND, [p], [e], table[b : b + 1], out_loc[start : start + e], pool)
+        alone = one.attn_backend._extend(qs[b], pool.k_buffers[0], pool.v_buffers[0], layer, one)
+        assert torch.equal(out[start : start + e], alone), f"request {b}"
         start += e
 
 

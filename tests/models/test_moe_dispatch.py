@@ -88,13 +88,31 @@ def test_dispatch_choice():
     # eager (prefill, recording): grouped, whatever the size
     assert select_dispatch(1, 2, 8, "cpu", compiling=False, capturing=False) == "grouped"
     assert select_dispatch(512, 2, 8, "cuda", compiling=False, capturing=False) == "grouped"
-    # fewer (token, choice) pairs than experts: gathered, compiled or captured
-    assert select_dispatch(1, 2, 8, "cpu", compiling=True, capturing=False) == "gathered"
-    assert select_dispatch(3, 2, 8, "cuda", compiling=False, capturing=True) == "gathered"
-    # more: the grouped op compiled on CPU; dense in a CUDA graph or compiled off CPU (no host sync)
+    # compiled on CPU: the grouped op at every size (the eager step's bits)
+    assert select_dispatch(1, 2, 8, "cpu", compiling=True, capturing=False) == "grouped_op"
     assert select_dispatch(4, 2, 8, "cpu", compiling=True, capturing=False) == "grouped_op"
+    # fewer (token, choice) pairs than experts: gathered, compiled off CPU or captured
+    assert select_dispatch(1, 2, 8, "cuda", compiling=True, capturing=False) == "gathered"
+    assert select_dispatch(3, 2, 8, "cuda", compiling=False, capturing=True) == "gathered"
+    # more: dense in a CUDA graph or compiled off CPU (no host sync)
     assert select_dispatch(4, 2, 8, "cuda", compiling=False, capturing=True) == "dense"
     assert select_dispatch(64, 2, 8, "cuda", compiling=True, capturing=False) == "dense"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_rows_keep_their_bits_in_any_batch(dtype):
+    """A token's experts' output is the same alone as among other tokens: the grouped dispatch
+    multiplies through `linear()` (the gemv op on CPU), whose rows keep their bits at any row count;
+    F.linear's (oneDNN's) rows change bits with the count."""
+    layer, router = make_experts(8, hidden=64, inter=96)
+    layer = layer.to(dtype)
+    x, weights, ids = routed(router, 40, 2, seed=4)
+    x = x.to(dtype)
+    with torch.inference_mode():
+        batch = grouped_experts(x, layer.w13, layer.w2, weights, ids)
+        for t in range(0, 40, 3):
+            alone = grouped_experts(x[t : t + 1], layer.w13, layer.w2, weights[t : t + 1], ids[t : t + 1])
+            assert torch.equal(batch[t : t + 1], alone), t
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 16])
@@ -118,10 +136,14 @@ def test_graph_capture_dispatch_never_reads_data_on_the_host(tokens, monkeypatch
         torch.testing.assert_close(layer(x, weights, ids), want, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_layer_matches_grouped_at_every_batch_size():
-    """fullgraph compile as the decode step does it: batch 1 static, 2+ one dynamic-batch graph that
-    chooses gathered (T * k < E) or the grouped op at run time without recompiling."""
+@pytest.mark.parametrize("dispatch", [None, "cond"])
+def test_compiled_layer_matches_grouped_at_every_batch_size(dispatch):
+    """fullgraph compile as the decode step does it: batch 1 static, 2+ one dynamic-batch graph. On
+    CPU it runs the grouped op (None: the choice), bit for bit the eager result; "cond" (the choice
+    off CPU, forced here) chooses gathered (T * k < E) or the large dispatch at run time without
+    recompiling."""
     layer, router = make_experts(8)
+    layer.dispatch = dispatch
 
     def step(x, weights, ids):
         return layer(x, weights, ids)
@@ -133,18 +155,19 @@ def test_compiled_layer_matches_grouped_at_every_batch_size():
             if tokens > 1:
                 for t in (x, weights, ids):
                     torch._dynamo.mark_dynamic(t, 0, min=2, max=4096)
-            torch.testing.assert_close(
-                compiled(x, weights, ids),
-                grouped_experts(x, layer.w13, layer.w2, weights, ids),
-                atol=1e-5,
-                rtol=1e-5,
-            )
+            got, want = compiled(x, weights, ids), grouped_experts(x, layer.w13, layer.w2, weights, ids)
+            if dispatch is None:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_dynamic_batch_graph_holds_both_branches():
-    """The traced 2+ graph: a torch.cond whose large branch is the grouped op; the batch-1 graph is
-    the gathered dispatch alone (no cond, no op)."""
+    """The traced 2+ graph under the "cond" dispatch (the choice off CPU, forced here): a torch.cond
+    whose large branch is the grouped op on CPU; the batch-1 graph is the gathered dispatch alone
+    (no cond, no op)."""
     layer, router = make_experts(8)
+    layer.dispatch = "cond"
     graphs: list[torch.fx.GraphModule] = []
 
     def backend(gm, example_inputs):

@@ -7,19 +7,23 @@ The dispatches compute the same sum over each token's k choices of weight * expe
 - grouped: the (token, choice) pairs are sorted by expert and each expert runs one matmul over
   its contiguous slice (a Python loop over experts, never over tokens). The slice bounds are the
   per-expert counts read back with `.tolist()`: torch.compile cannot trace it (fullgraph) and a CUDA
-  graph cannot capture it. Eager steps (prefill, expert recording) use it.
+  graph cannot capture it. Its products go through `linear()` (on CPU the gemv op, whose rows keep
+  their bits at any row count) and SiLU-and-mul through the row op, and a token's k results are
+  added in expert order: a token's output has the same bits alone, in any batch, eager or compiled.
 - grouped_op: the grouped dispatch as a custom op, opaque to the compiler. On CPU reading the
-  counts is no device sync, so the compiled CPU decode step uses it when T * k >= E.
+  counts is no device sync, so every CPU step uses grouped (eager) or grouped_op (compiled).
 - gathered: each pair gathers its own expert's weights (`w13[topk_ids]`), no data-dependent shape.
-  Used by compiled and captured steps when T * k < E (the batch-1 decode step). Under compile each
-  pair is a weight-streaming matrix-vector loop that Inductor fuses with the gather: only the chosen
+  Used by compiled steps off CPU and captured steps when T * k < E. Under compile each pair is a
+  weight-streaming matrix-vector loop that Inductor fuses with the gather: only the chosen
   experts' weights are read, once.
 - dense: every expert on every token, weighted by a [T, E] combine matrix that is 0 off the chosen
   experts; no host sync. For CUDA-graph captures (and compiled steps off CPU) when T * k >= E.
-- cond: the compiled dynamic-batch graph (T unknown at trace time) holds gathered and the large
-  dispatch under one torch.cond on T * k < E, chosen at run time without a recompile.
+- cond: the compiled dynamic-batch graph off CPU (T unknown at trace time) holds gathered and the
+  large dispatch under one torch.cond on T * k < E, chosen at run time without a recompile.
 `select_dispatch` chooses; benchmarks/bench_moe.py has the measurements behind it (dense was the
-slowest on CPU at every batch size of the moderate config; gathered the fastest while T * k < E).
+slowest on CPU at every batch size of the moderate config; gathered the fastest while T * k < E,
+but its bits are Inductor's, not the eager step's: on CPU correctness wins, the grouped dispatch
+serves every step).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from research_rt.models.layers.linear import materialize
+from research_rt.kernels import silu_mul_op
+from research_rt.models.layers.linear import linear, materialize
+from research_rt.models.layers.norm import cpu_row_op
 
 DISPATCHES = ("grouped", "grouped_op", "gathered", "dense", "cond")
 
@@ -57,12 +63,14 @@ def select_dispatch(
 ) -> str:
     """The dispatch for T = num_tokens tokens (a SymInt in the dynamic-batch compiled graph).
 
-    Eager: grouped. Compiled or graph-captured: gathered when T * k < E, else grouped_op on CPU
-    (not capturing) and dense elsewhere. When T is dynamic and the comparison is not known without
-    a guard (which would split the dynamic-batch graph), "cond": both, chosen at run time by
-    torch.cond."""
+    Eager: grouped. CPU, compiled: grouped_op at every T (the eager step's bits). Compiled off CPU or
+    graph-captured: gathered when T * k < E, else dense. When T is dynamic and the comparison is not
+    known without a guard (which would split the dynamic-batch graph), "cond": both, chosen at run
+    time by torch.cond."""
     if not (compiling or capturing):
         return "grouped"
+    if device_type == "cpu" and not capturing:
+        return "grouped_op"
     if statically_known_true(num_tokens * top_k < num_experts):
         return "gathered"
     if statically_known_true(num_tokens * top_k >= num_experts):
@@ -94,8 +102,14 @@ def grouped_experts(
     for expert, n in enumerate(counts):
         if n == 0:
             continue
-        gate, up = F.linear(xs[start : start + n], w13[expert]).chunk(2, dim=-1)
-        out[start : start + n] = F.linear(F.silu(gate) * up, w2[expert])
+        gate_up = linear(xs[start : start + n], w13[expert])
+        op = cpu_row_op(gate_up, gate_up.dtype, silu_mul_op)
+        if op is not None:
+            act = op(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        out[start : start + n] = linear(act, w2[expert])
         start += n
     out = out * topk_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, out)
