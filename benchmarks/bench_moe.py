@@ -126,7 +126,7 @@ def _runner(name: str, dtype: str, compile_on: bool, max_bs: int):
         enable_torch_compile=compile_on,
         disable_background_compile=True,
         disable_torch_compile=not compile_on,
-    )
+    ).resolved()
     torch_dtype = resolve_dtype(dtype, cfg, "cpu")
 
     def random_model(*_args, **_kwargs) -> LoadedModel:
@@ -168,7 +168,12 @@ def bench_step(name: str, dtype: str, batch_sizes: list[int], repeats: int, cont
                 row = runner.req_to_token.table[i]
                 row[: context + 1] = torch.arange(1 + i * (context + 1), 1 + (i + 1) * (context + 1))
                 reqs.append(
-                    SimpleNamespace(req_pool_row=i, input_ids=[(7 * i + 3) % vocab] * context, output_ids=[5])
+                    SimpleNamespace(
+                        req_pool_row=i,
+                        input_ids=[(7 * i + 3) % vocab] * context,
+                        output_ids=[5],
+                        interventions=None,
+                    )
                 )
             items = [StepInput(r, context, 1) for r in reqs]
             loc = torch.stack([runner.req_to_token.table[i, context] for i in range(bs)])
