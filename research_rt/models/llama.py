@@ -10,16 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from research_rt.core.forward_batch import ForwardBatch
 from research_rt.core.interventions import InterventionShape
-from research_rt.kernels import silu_mul_op
 from research_rt.models.layers import Attention, RMSNorm, RotaryEmbedding
+from research_rt.models.layers.activation import silu_and_mul
 from research_rt.models.layers.intervention import ablate_heads, ablate_neurons, intervene
 from research_rt.models.layers.linear import Linear, linear
-from research_rt.models.layers.norm import cpu_row_op
 from research_rt.models.protocol import KVSpec
 from research_rt.models.registry import register_model
 
@@ -35,13 +33,7 @@ class DecoderMLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        op = cpu_row_op(gate_up, gate_up.dtype, silu_mul_op)  # one pass, eager or compiled
-        if op is not None:
-            act = op(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+        act = silu_and_mul(self.gate_up_proj(x))
         return self.down_proj(ablate_neurons(batch, self.layer_id, act))
 
 

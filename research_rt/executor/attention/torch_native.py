@@ -173,8 +173,8 @@ class TorchNativeAttnBackend(AttentionBackend):
     ) -> torch.Tensor:
         """SDPA: on CPU one call per request over exactly its keys, so a request's bits do not depend
         on the batch; elsewhere one padded call for the batch. CPU SDPA over a padded batch gave a
-        request other bits than alone (5 of 11 lengths in bfloat16, 9 of 11 in
-        float32, heads of 16), and a tiny Llama in bfloat16 other greedy tokens in a batch."""
+        request other bits than alone (heads of 16: 5 of 11 lengths in bfloat16, 9 of 11 in float32),
+        and a tiny Llama in bfloat16 other greedy tokens in a batch."""
         meta = batch.attn_metadata
         if q.device.type == "cpu":
             return TorchNativeAttnBackend._sdpa_each(q, k_buf, v_buf, layer, meta)

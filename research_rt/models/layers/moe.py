@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from research_rt.kernels import silu_mul_op
+from research_rt.models.layers.activation import silu_and_mul
 from research_rt.models.layers.linear import linear, materialize
-from research_rt.models.layers.norm import cpu_row_op
 
 DISPATCHES = ("grouped", "grouped_op", "gathered", "dense", "cond")
 
@@ -102,13 +101,7 @@ def grouped_experts(
     for expert, n in enumerate(counts):
         if n == 0:
             continue
-        gate_up = linear(xs[start : start + n], w13[expert])
-        op = cpu_row_op(gate_up, gate_up.dtype, silu_mul_op)
-        if op is not None:
-            act = op(gate_up)
-        else:
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up
+        act = silu_and_mul(linear(xs[start : start + n], w13[expert]))
         out[start : start + n] = linear(act, w2[expert])
         start += n
     out = out * topk_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
