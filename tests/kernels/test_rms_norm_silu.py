@@ -70,7 +70,7 @@ def test_ops_take_any_leading_shape_and_reject_bad_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_layers_use_the_ops_in_eager_inference_and_agree_with_their_pytorch_code(dtype, monkeypatch):
+def test_layers_use_the_ops_in_inference_and_agree_with_their_pytorch_code(dtype, monkeypatch):
     """Under inference mode RMSNorm and the MLP call the ops; with grad on (or the ops switched off)
     they run their PyTorch code; both give the same values."""
     torch.manual_seed(0)
@@ -83,7 +83,8 @@ def test_layers_use_the_ops_in_eager_inference_and_agree_with_their_pytorch_code
         "research_rt.models.layers.norm.rms_norm_op", lambda: lambda *a: calls.append("norm") or rms_norm(*a)
     )
     monkeypatch.setattr(
-        "research_rt.models.llama.silu_mul_op", lambda: lambda *a: calls.append("mlp") or silu_mul(*a)
+        "research_rt.models.layers.activation.silu_mul_op",
+        lambda: lambda *a: calls.append("mlp") or silu_mul(*a),
     )
     with torch.inference_mode():
         fused = norm(x), mlp(x)
