@@ -142,13 +142,6 @@ def extend_attention_op(dtype: torch.dtype, head_dim: int):
     return torch.ops.research_rt.extend_attention
 
 
-@functools.cache
-def extend_attention_products() -> int:
-    """The products `extend_attention` runs here (csrc/extend_attention_kernel.h): 1 VDPBF16PS on
-    bfloat16 pairs, 2 float32 FMAs, 3 AMX tiles; 0 where the op does not run."""
-    return torch.ops.research_rt.extend_attention_products() if _loaded() else 0
-
-
 def rms_norm_op():
     """`research_rt::rms_norm` (csrc/rms_norm_silu.cpp): models/layers/norm.py's RMSNorm in one pass
     over each row, for float32/bfloat16 CPU inference (eager and compiled); or None."""
