@@ -121,13 +121,14 @@ def test_compiled_linear_calls_the_op(dtype):
 )
 def test_eager_linears_keep_batch_1_bits():
     """Eager CPU linears (decode steps while the compiled step builds, and prefill) take the op and
-    compute each row as the compiled step does, the same at any row count: up to the 128 rows of the
-    AMX tiles, and without AMX at every count (prefill chunks of hundreds of rows included)."""
+    compute each row as the compiled step does, the same at any row count, prefill chunks of hundreds
+    of rows included (AMX tiles, or the panels on AVX512-BF16). Past 128 rows AMX CPUs took oneDNN
+    until 2026-12-08: other bits, and other greedy tokens for prompts prefilled together."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(300, 1536, generator=g).bfloat16()
     w = torch.randn(576, 1536, generator=g).bfloat16()  # SmolLM2's down_proj
     alone = torch.cat([linear(x[i : i + 1], w) for i in range(300)])
-    counts = (2, 5, 16, 17, 40, 64, 128) + (() if amx_linear_available() else (129, 241, 300))
+    counts = (2, 5, 16, 17, 40, 64, 128, 129, 241, 300)
     for rows in counts:
         assert torch.equal(linear(x[:rows], w).view(torch.int16), alone[:rows].view(torch.int16)), rows
     assert torch.equal(alone, torch.cat([op(x[i : i + 1], w, None) for i in range(300)]))

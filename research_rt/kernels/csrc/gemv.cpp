@@ -3,11 +3,13 @@
 // research_rt::gemv(x [M, K], w [N, K], bias [N] or None) -> [M, N] in x's dtype, for any number of
 // rows, each row's bits the same whatever the number of rows and wherever the row sits, so a request's
 // greedy tokens do not depend on the batch it decodes in. It picks its kernel:
-// - bfloat16 on CPUs with AMX, up to kAmxMaxRows rows: the tile kernel (amx_linear.cpp). SmolLM2-135M's
+// - bfloat16 on CPUs with AMX: the tile kernel (amx_linear.cpp), at every row count. SmolLM2-135M's
 //   121 linears streamed from DRAM per step, Xeon VM, 2 threads (RESULTS.md, "AMX tiles for the decode
 //   linears"): 12.4 / 15.1 / 13.2 / 14.9 ms at 1 / 2 / 5 / 16 rows against 15.7 / 17.8 / 25.0 / 52.0 ms
 //   for the dot-product loop below and oneDNN's 20.7 / 21.0 / 21.2 / 21.9 ms; 64 rows 23.1 ms against
-//   oneDNN's 29.4. More rows go to oneDNN's GEMM.
+//   oneDNN's 29.4. Prefill's hundreds of rows went to oneDNN's GEMM until 2026-12-08, whose rows have
+//   other bits than the kernel's: a batch of 20 prompts prefilled together (~470 rows) got other
+//   greedy tokens than each prompt alone (tests/engine/test_invariance.py).
 // - bfloat16 on AVX512-BF16 without AMX: outer products over the weight packed once into column
 //   panels (panel_linear.cpp), at every row count.
 // - float32, and bfloat16 elsewhere: the loop below. With few rows (a single stream, a small batch, a
@@ -39,9 +41,6 @@ namespace {
 constexpr int64_t kGrain = 64;  // at least this many output rows per thread
 constexpr int64_t kMaxRows = 8;         // input rows per pass over the weight (16 accumulators in registers)
 constexpr int64_t kStreamMaxRows = 16;  // more rows: at::linear (oneDNN's GEMM)
-// Where AMX runs bfloat16: up to 128 rows (with weights from DRAM the tile kernel and oneDNN were
-// even at 96-128 rows; past that oneDNN's blocking reaches twice the kernel's ~1 TFLOP/s).
-constexpr int64_t kAmxMaxRows = 128;
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -140,7 +139,7 @@ at::Tensor gemv(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w must have one dtype");
   const at::Tensor* b = bias.has_value() ? &*bias : nullptr;
   if (research_rt::amx_linear_supported(x, w))
-    return x.size(0) <= kAmxMaxRows ? research_rt::amx_linear(x, w, b) : at::linear(x, w, bias);
+    return research_rt::amx_linear(x, w, b);
   if (research_rt::panel_linear_supported(x, w)) return research_rt::panel_linear(x, w, b);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor bc;

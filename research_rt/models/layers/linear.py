@@ -17,7 +17,7 @@ against `F.linear`'s 52 / 119 / 400-407 / 1461-1572 (benchmarks/RESULTS.md). On 
 VDPBF16PS issues at about half the FMA rate, batches of 16 rows and more run the same arithmetic as
 float32 FMAs, 1.7x faster (panel_linear.cpp). float32 streams each
 weight once for up to 8 rows (16 take two passes) and hands more rows to oneDNN's GEMM. On CPUs with
-AMX the op runs bfloat16 up to 128 rows on tiles (csrc/amx_linear.cpp) and hands more to oneDNN.
+AMX the op runs bfloat16 on tiles at every row count (csrc/amx_linear.cpp).
 Without the op a single row under compile takes Inductor's `(w * x).sum(-1)`, one vectorised loop
 that streams the weight in its own dtype and accumulates in float32; everything else `F.linear`.
 
