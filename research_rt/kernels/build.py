@@ -134,10 +134,8 @@ def decode_attention_vectorized(dtype: torch.dtype, head_dim: int) -> bool:
 @functools.cache  # asked by every layer of every extend step
 def extend_attention_op(dtype: torch.dtype, head_dim: int):
     """`research_rt::extend_attention` (csrc/extend_attention.cpp) where this build runs it for the
-    dtype and head size (bfloat16 on AVX512-BF16), or None: the caller runs SDPA."""
-    if not _loaded() or not torch.ops.research_rt.extend_attention_supported(
-        dtype == torch.bfloat16, head_dim
-    ):
+    dtype and head size (bfloat16 or float32 on AVX512-BF16), or None: the caller runs SDPA."""
+    if not _loaded() or not torch.ops.research_rt.extend_attention_supported(dtype, head_dim):
         return None
     return torch.ops.research_rt.extend_attention
 

@@ -1,7 +1,8 @@
 """The C++ extend-attention op (research_rt/kernels/csrc/extend_attention.cpp) against attention in
 float32 on the same bfloat16 inputs, and against the backend's SDPA path, with each of its inner
 products (1: VDPBF16PS on bfloat16 pairs, 2: float32 FMAs, 3: AMX tiles for the scores where the CPU
-has them; a CPU runs one of them by default).
+has them; a CPU runs one of them by default). A float32 pool takes the float32 FMAs: within 1e-5 of
+SDPA in float32 (sums of up to ~1000 products of O(1) terms in another order).
 
 Tolerance: 2e-2 absolute on outputs of magnitude up to ~3 (|q.k| scaled to O(1), values ~N(0, 1)).
 The op keeps scores, softmax and sums in float32; products 1 rounds the probabilities to bfloat16
@@ -29,14 +30,14 @@ TILES = pytest.param(3, marks=pytest.mark.skipif(not amx_linear_available(), rea
 PRODUCTS = [1, 2, TILES]
 
 
-def make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed):
+def make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed, dtype=torch.bfloat16):
     """A pool whose slots are scattered at random (as a busy server has them), slot 0 a dummy row of
     huge values that no real key may see, and queries for each request's new tokens."""
     g = torch.Generator().manual_seed(seed)
     lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
     slots = 1 + torch.randperm(sum(lens) + 50, generator=g)
-    k_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).bfloat16()
-    v_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).bfloat16()
+    k_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).to(dtype)
+    v_buf = torch.randn(len(slots) + 1, kv_heads, d, generator=g).to(dtype)
     k_buf[0], v_buf[0] = 1e3, -1e3
     rows = torch.zeros(len(lens), max(lens), dtype=torch.int64)
     start = 0
@@ -44,7 +45,7 @@ def make_case(heads, kv_heads, d, prefix_lens, extend_lens, seed):
         rows[b, :n] = slots[start : start + n]
         start += n
     meta = TorchNativeAttnBackend().build_metadata(ForwardMode.EXTEND, prefix_lens, extend_lens, rows)
-    q = torch.randn(sum(extend_lens), heads, d, generator=g).bfloat16()
+    q = torch.randn(sum(extend_lens), heads, d, generator=g).to(dtype)
     return q, k_buf, v_buf, meta
 
 
@@ -87,6 +88,44 @@ def test_matches_float32_attention(heads, kv_heads, d, prefix_lens, extend_lens,
     out = op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, d**-0.5, products)
     assert out.dtype == torch.bfloat16 and out.shape == (q.shape[0], heads * d)
     torch.testing.assert_close(out.float(), reference(q, k_buf, v_buf, meta, d**-0.5), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,prefix_lens,extend_lens", CASES)
+def test_float32_matches_float32_attention(heads, kv_heads, d, prefix_lens, extend_lens):
+    q, k_buf, v_buf, meta = make_case(heads, kv_heads, d, prefix_lens, extend_lens, 7, torch.float32)
+    op = extend_attention_op(torch.float32, d)
+    out = op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, d**-0.5)
+    assert out.dtype == torch.float32 and out.shape == (q.shape[0], heads * d)
+    expected = reference(q, k_buf, v_buf, meta, d**-0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(
+        out, op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, d**-0.5, 2)
+    )
+
+
+def test_float32_takes_only_the_float32_products():
+    q, k_buf, v_buf, meta = make_case(9, 3, 64, [0], [5], 0, torch.float32)
+    with pytest.raises(RuntimeError, match="float32 pool takes products 0 or 2"):
+        extend_attention_op(torch.float32, 64)(
+            q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125, 1
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cached", [1, 31, 32, 33, 100, 160])
+def test_a_suffix_gets_the_bits_of_its_whole_prompt(dtype, cached):
+    """A prompt's positions past `cached` tokens (a radix-cache hit, or the next prefill chunk) get
+    the bits they get when the whole prompt runs at once: greedy tokens do not depend on the chunk
+    size or on cache hits. (SDPA over the suffix against the whole prompt differed in the last bits
+    of float32 outputs.)"""
+    n = 161
+    q, k_buf, v_buf, meta = make_case(9, 3, 64, [0], [n], seed=cached, dtype=dtype)
+    op = extend_attention_op(dtype, 64)
+    whole = op(q, k_buf, v_buf, meta.kv_indices, meta.prefix_lens, meta.extend_lens, 0.125)
+    suffix = op(
+        q[cached:], k_buf, v_buf, meta.kv_indices, torch.tensor([cached]), torch.tensor([n - cached]), 0.125
+    )
+    assert torch.equal(suffix, whole[cached:])
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,prefix_lens,extend_lens", CASES[:4])
@@ -143,8 +182,9 @@ def _cpu_vendor() -> str:
 
 
 def test_other_dtypes_and_head_sizes_take_the_sdpa_path():
-    assert extend_attention_op(torch.float32, 64) is None
+    assert extend_attention_op(torch.float16, 64) is None
     assert extend_attention_op(torch.bfloat16, 80) is None
+    assert extend_attention_op(torch.float32, 80) is None
 
 
 @pytest.mark.parametrize(

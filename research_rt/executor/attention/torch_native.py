@@ -4,9 +4,10 @@ C++ CPU ops where they run.
 Extend: keys and values are gathered from the pool into a padded [B, KVH, Lk, D] layout with one
 batched index, and `scaled_dot_product_attention` runs over all requests at once with an explicit
 mask (grouped-query heads via `enable_gqa`); no Python loop over requests. On CPUs with
-AVX512-BF16, bfloat16 extends run the `extend_attention` op instead, straight over the pool and
-without the padding, every one of them: a request's rows must have the same bits alone, beside
-others and over a cached prefix. (SDPA for one long prompt where the op's products are float32, up
+AVX512-BF16, bfloat16 and float32 extends run the `extend_attention` op instead, straight over the
+pool and without the padding, every one of them: a request's rows must have the same bits alone,
+beside others and over a cached prefix. (float32 took SDPA until 2026-12-08: a suffix over its
+cached prefix got other last bits than inside its whole prompt in 19 of 45 cases.) (SDPA for one long prompt where the op's products are float32, up
 to 1.4x faster on an Intel Xeon without AMX, gave such a prompt other bits than the op gives it in a
 batch: 4 of 8 requests sharing a 300-token prefix got other greedy tokens alone than together,
 2026-12-07.)
@@ -159,8 +160,8 @@ class TorchNativeAttnBackend(AttentionBackend):
     def _extend(
         q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, layer, batch: ForwardBatch
     ) -> torch.Tensor:
-        """Each request's new tokens over its cached and new keys: the C++ op (bfloat16, AVX512-BF16)
-        where it runs, else SDPA."""
+        """Each request's new tokens over its cached and new keys: the C++ op (bfloat16 or float32,
+        AVX512-BF16) where it runs, else SDPA."""
         meta = batch.attn_metadata
         op = extend_attention_op(q.dtype, layer.head_dim) if q.device.type == "cpu" else None
         if op is not None and q.dtype == k_buf.dtype:

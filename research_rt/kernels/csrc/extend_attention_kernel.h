@@ -8,6 +8,8 @@
 //   kFloat  FMAs on float32: the block's keys and values widened once into scratch, queries and
 //           probabilities kept in float32. Twice VDPBF16PS's flop rate where it issues at a quarter of
 //           the FMA's rate (the Xeon of benchmarks/RESULTS.md); half of it where both issue alike.
+//           The only flavour for a float32 pool (element type T = float; the others take bfloat16
+//           bits, T = uint16_t).
 //   kTiles  AMX tiles. The scores transposed, S^T = K Q^T: the block's key rows, copied contiguous,
 //           are the A operand, the query pairs of kPairs are B, and S^T lands in `s`'s [key][row]
 //           layout. The values acc += P V: P rounded to bfloat16 as kPairs does, transposed to
@@ -27,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "amx_linear.h"
@@ -58,17 +61,23 @@ struct Item {
 
 struct Problem {
   int64_t H, D, KVH, G, Lk, slot_stride, head_stride;
-  const uint16_t* q;  // bfloat16 bits
-  const uint16_t* k;
-  const uint16_t* v;
+  const void* q;  // T: bfloat16 bits (uint16_t) or float, as q, k, v and out
+  const void* k;
+  const void* v;
   const int64_t* idx;
   const int64_t* prefix;
   const int64_t* q_start;
-  uint16_t* out;
+  void* out;
   float scale;
 };
 
-inline float bf16_to_float(uint16_t x) { return c10::BFloat16(x, c10::BFloat16::from_bits()); }
+inline float to_float(uint16_t x) { return c10::BFloat16(x, c10::BFloat16::from_bits()); }
+inline float to_float(float x) { return x; }
+template <typename T>
+inline T from_float(float x) {
+  if constexpr (std::is_same_v<T, float>) return x;
+  else return c10::BFloat16(x).x;
+}
 
 // kPairs: the lane of row r inside the interleaved probability pairs (VPUNPCK{L,H}WD of 256 bits).
 inline int prob_lane(int r) {
@@ -205,8 +214,8 @@ inline void tile_values(Scratch<D>& w, int64_t rows) {
 #endif
 
 // scores[t][row] = scale * q_row . k_t for the block's 32 keys
-template <int D, int NR, Products P>
-inline void block_scores(Scratch<D>& w, const uint16_t* const* krow, __m512 scale) {
+template <int D, int NR, Products P, typename T>
+inline void block_scores(Scratch<D>& w, const T* const* krow, __m512 scale) {
   if constexpr (P == Products::kTiles) {
 #ifdef RESEARCH_RT_EXTEND_TILES
     tile_scores<D, NR>(w);
@@ -283,8 +292,8 @@ inline void block_values(Scratch<D>& w, int64_t rows) {
 
 // The block's keys (kFloat: widened) and values (kPairs: interleaved in pairs; kFloat: widened), and
 // the probabilities as bfloat16 pairs (kPairs)
-template <int D, int NR, Products P>
-inline void stage_block(Scratch<D>& w, const uint16_t* const* vrow) {
+template <int D, int NR, Products P, typename T>
+inline void stage_block(Scratch<D>& w, const T* const* vrow) {
   if constexpr (P == Products::kPairs) {
     for (int u = 0; u < kKeys / 2; ++u) {
       for (int v = 0; v < NR; ++v) {
@@ -306,21 +315,22 @@ inline void stage_block(Scratch<D>& w, const uint16_t* const* vrow) {
   }
 }
 
-template <int D, int NR, Products P>
+template <int D, int NR, Products P, typename T>
 void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
+  static_assert(P == Products::kFloat || std::is_same_v<T, uint16_t>, "float32 pools take kFloat");
   const int64_t G = p.G, rows = it.n_pos * G, prefix = p.prefix[it.b];
   const int64_t n_keys = it.n_keys;
   const int64_t* slots = p.idx + it.b * p.Lk;
-  const uint16_t* kh = p.k + it.h * p.head_stride;
-  const uint16_t* vh = p.v + it.h * p.head_stride;
+  const T* kh = static_cast<const T*>(p.k) + it.h * p.head_stride;
+  const T* vh = static_cast<const T*>(p.v) + it.h * p.head_stride;
   for (int r = 0; r < 16 * NR; ++r) {
     const bool live = r < rows;
     const int64_t tok = p.q_start[it.b] + it.i0 + r / G;
-    const uint16_t* qr = live ? p.q + (tok * p.H + it.h * G + r % G) * D : nullptr;
+    const T* qr = live ? static_cast<const T*>(p.q) + (tok * p.H + it.h * G + r % G) * D : nullptr;
     if constexpr (P != Products::kFloat) {
       for (int x = 0; x < D / 2; ++x) w.qp[x][r] = live ? reinterpret_cast<const uint32_t*>(qr)[x] : 0u;
     } else {
-      for (int x = 0; x < D; ++x) w.qf[x][r] = live ? bf16_to_float(qr[x]) : 0.f;
+      for (int x = 0; x < D; ++x) w.qf[x][r] = live ? to_float(qr[x]) : 0.f;
     }
     // the last key each row sees (an unused lane: INT_MAX, it sees every key and is never read)
     const int64_t last = prefix + it.i0 + r / G;
@@ -334,8 +344,8 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
 
   for (int64_t k0 = 0; k0 < n_keys; k0 += kKeys) {
     const int64_t n = std::min<int64_t>(kKeys, n_keys - k0);
-    const uint16_t* krow[kKeys];
-    const uint16_t* vrow[kKeys];
+    const T* krow[kKeys];
+    const T* vrow[kKeys];
     for (int t = 0; t < kKeys; ++t) {  // past the last key: slot 0, the pool's zeroed dummy row (masked)
       const int64_t slot = t < n ? slots[k0 + t] : 0;
       krow[t] = kh + slot * p.slot_stride;
@@ -344,7 +354,7 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
         for (int c = 0; c < D / 16; ++c) _mm512_store_ps(&w.kf[t][16 * c], load16(krow[t] + 16 * c));
       if constexpr (P == Products::kTiles) std::memcpy(w.kb[t], krow[t], D * 2);
     }
-    block_scores<D, NR, P>(w, krow, scale);
+    block_scores<D, NR, P, T>(w, krow, scale);
     // causal mask and keys past the last, where some row does not see the whole block
     const bool diagonal = k0 + kKeys > n_keys || k0 + kKeys - 1 > first_pos;
     if (diagonal) {
@@ -380,16 +390,16 @@ void run_item(const Problem& p, const Item& it, Scratch<D>& w) {
       tile_values<D, NR>(w, rows);
 #endif
     } else {
-      stage_block<D, NR, P>(w, vrow);
+      stage_block<D, NR, P, T>(w, vrow);
       block_values<D, P>(w, rows);
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t tok = p.q_start[it.b] + it.i0 + r / G, row = tok * p.H + it.h * G + r % G;
     const auto col = [&](int d) { return P == Products::kPairs ? w.col[d] : d; };
-    uint16_t* dst = p.out + row * D;
+    T* dst = static_cast<T*>(p.out) + row * D;
     const float inv = 1.f / w.l[r];  // > 0: every row sees key 0
-    for (int d = 0; d < D; ++d) dst[d] = c10::BFloat16(w.acc[r][col(d)] * inv).x;
+    for (int d = 0; d < D; ++d) dst[d] = from_float<T>(w.acc[r][col(d)] * inv);
   }
 }
 
@@ -420,7 +430,7 @@ inline Products fastest_products() {
 }
 
 // Runs `items` (sorted longest first) on ATen's threads, each taking the next item as it finishes.
-template <int D, Products P>
+template <int D, Products P, typename T = uint16_t>
 void run_all(const Problem& p, const std::vector<Item>& items) {
   std::atomic<size_t> next{0};
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(items.size()));
@@ -432,10 +442,10 @@ void run_all(const Problem& p, const std::vector<Item>& items) {
       std::unique_ptr<Scratch<D>> w(new Scratch<D>);
       for (size_t i = next++; i < items.size(); i = next++) {
         switch (items[i].row_vecs) {
-          case 1: run_item<D, 1, P>(p, items[i], *w); break;
-          case 2: run_item<D, 2, P>(p, items[i], *w); break;
-          case 3: run_item<D, 3, P>(p, items[i], *w); break;
-          default: run_item<D, 4, P>(p, items[i], *w);
+          case 1: run_item<D, 1, P, T>(p, items[i], *w); break;
+          case 2: run_item<D, 2, P, T>(p, items[i], *w); break;
+          case 3: run_item<D, 3, P, T>(p, items[i], *w); break;
+          default: run_item<D, 4, P, T>(p, items[i], *w);
         }
       }
     }
@@ -446,8 +456,14 @@ void run_all(const Problem& p, const std::vector<Item>& items) {
 }
 
 // `run_all` for head size D (32, 64 or 128) with `products` (0: fastest_products, 1 pairs, 2 float32,
-// 3 tiles: where tiles_supported())
-inline void run_items(const Problem& p, const std::vector<Item>& items, int64_t products) {
+// 3 tiles: where tiles_supported()); a float32 pool (`f32`) always takes the float32 products
+inline void run_items(const Problem& p, const std::vector<Item>& items, int64_t products, bool f32) {
+  if (f32) {
+    if (p.D == 32) run_all<32, Products::kFloat, float>(p, items);
+    else if (p.D == 64) run_all<64, Products::kFloat, float>(p, items);
+    else run_all<128, Products::kFloat, float>(p, items);
+    return;
+  }
   const Products P = products == 1   ? Products::kPairs
                      : products == 2 ? Products::kFloat
                      : products == 3 ? Products::kTiles
