@@ -6,11 +6,11 @@ batched index, and `scaled_dot_product_attention` runs over all requests at once
 mask (grouped-query heads via `enable_gqa`); no Python loop over requests. On CPUs with
 AVX512-BF16, bfloat16 and float32 extends run the `extend_attention` op instead, straight over the
 pool and without the padding, every one of them: a request's rows must have the same bits alone,
-beside others and over a cached prefix. (float32 took SDPA until 2026-12-08: a suffix over its
-cached prefix got other last bits than inside its whole prompt in 19 of 45 cases.) (SDPA for one long prompt where the op's products are float32, up
-to 1.4x faster on an Intel Xeon without AMX, gave such a prompt other bits than the op gives it in a
-batch: 4 of 8 requests sharing a 300-token prefix got other greedy tokens alone than together,
-2026-12-07.)
+beside others and over a cached prefix. SDPA for one long prompt where the op's products are
+float32, up to 1.4x faster on an Intel Xeon without AMX, gave such a prompt other bits than the op
+gives it in a batch (4 of 8 requests sharing a 300-token prefix got other greedy tokens alone than
+together, 2026-12-07); float32 extends took SDPA until 2026-12-08, and a suffix over its cached
+prefix got other last bits than inside its whole prompt (19 of 45 cases).
 Decode: the `decode_attention` op, or its equivalent in products and sums for Inductor.
 """
 
