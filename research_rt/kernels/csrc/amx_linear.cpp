@@ -1,21 +1,32 @@
 // bfloat16 linear layers on Intel AMX tiles: out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]).
 //
-// Batches past the gemv op's 16 rows went to oneDNN's GEMM, which reorders the weight into its
-// blocked layout on every call: on the Xeon VM of RESULTS.md the batch-64 decode linears ran at 8-10
-// GB/s of weights (DRAM gives 14.5). Weights reordered once ran 1.5x faster, but a packed copy must
-// follow every in-place edit of its weight. This kernel packs no weight. It computes the transposed
-// product C^T = W X^T: the weight, row-major as the checkpoint stores it, is the tile multiply's A
-// operand as is (a tile load takes 16 weight rows x 32 values with the row stride), and X^T is the B
-// operand, which TDPBF16PS wants as pairs along K. x is small next to w, so each call packs it once:
-// tile (kb, mt) of `xp` holds, for the 16 k-pairs of K block kb and the 16 rows of M tile mt, the
-// 32-bit pair (x[m, 2k], x[m, 2k + 1]) at [k][m].
+// Two loops, one result. Each output is the same chain of tile products (TDPBF16PS over 32 values of
+// K) in the same order over K whatever M is and wherever its row sits; bfloat16 products are exact in
+// float32 and a partial sum parked in memory comes back unchanged, so a row's bits do not depend on
+// its batch or on the loop that computed it (tests/kernels/test_gemv.py checks both against 1 row).
 //
-// Tiles: 0-3 accumulate C^T for up to four M tiles (16 weight rows x 16 input rows, float32), 4 and 5
-// hold the weight rows of alternate K blocks, 6 and 7 the packed input. Each output is the same chain
-// of tile products over K, in the same order, whatever M is and wherever its row sits, so a row's
-// bits do not depend on its batch.
-// Threads split the weight's 16-row blocks; M runs in chunks of kChunkTiles tiles so a chunk of xp
-// stays in L2 while the weight streams past it (prefill); a decode batch is one chunk.
+// Decode batches (under kRowMajorMinRows rows): `run`. Batches past the gemv op's 16 rows went to
+// oneDNN's GEMM, which reorders the weight into its blocked layout on every call: on the Xeon VM of
+// RESULTS.md the batch-64 decode linears ran at 8-10 GB/s of weights (DRAM gives 14.5). Weights
+// reordered once ran 1.5x faster, but a packed copy must follow every in-place edit of its weight, so
+// `run` packs no weight. It computes the transposed product C^T = W X^T: the weight, row-major as the
+// checkpoint stores it, is the tile multiply's A operand as is (a tile load takes 16 weight rows x 32
+// values with the row stride), and X^T is the B operand, which TDPBF16PS wants as pairs along K. x is
+// small next to w, so each call packs it once: tile (kb, mt) of `xp` holds, for the 16 k-pairs of K
+// block kb and the 16 rows of M tile mt, the 32-bit pair (x[m, 2k], x[m, 2k + 1]) at [k][m]. Tiles:
+// 0-3 accumulate C^T for up to four M tiles, 4 and 5 hold the weight rows of alternate K blocks, 6
+// and 7 the packed input. Threads split the weight's 16-row blocks.
+//
+// Prefill rows (from kRowMajorMinRows): `run_row_major`, C = X W^T, a GEMM blocked for the caches.
+// With many rows the weight is the small operand, so each call packs it into k-pairs (per thread, the
+// blocks it owns) and x's rows are the A operand as they lie. C comes out row-major: no transposes in
+// the epilogue (with C^T at 2048 rows transposing C tiles and packing x took ~1/3 of the samples).
+// C is computed in blocks of kMcTiles M tiles x kNcBlocks weight blocks (256 x 256 floats, L2) over K
+// in panels of kKc K blocks; within a panel each step is a 2 x 2 of tiles (two M tiles, 4 and 5, by
+// two weight blocks, 6 and 7, into 0-3), so each tile loaded feeds two products and the weight panel
+// (32 rows x 256 values, 16 KB) stays in L1 while the M tiles pass. SmolLM2's 120 layer linears
+// (benchmarks.bench_linear_rows without the LM head) at 512 / 2048 rows: 1.3x / 1.45x faster than
+// `run` (1.5 / 1.6 TFLOP/s on two threads; oneDNN's GEMM ~2, but its rows' bits depend on M).
 #include "amx_linear.h"
 #include "vec_math.h"
 
@@ -24,6 +35,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define RESEARCH_RT_AMX 1
@@ -40,7 +53,10 @@ namespace {
 constexpr int kArchGetXcompPerm = 0x1022;  // arch_prctl codes (linux/arch/x86/include/uapi/asm/prctl.h)
 constexpr int kArchReqXcompPerm = 0x1023;
 constexpr int kXfeatureXtiledata = 18;
-constexpr int64_t kChunkTiles = 16;  // M tiles per chunk: 256 rows, 768 KB of xp at K = 1536
+constexpr int64_t kRowMajorMinRows = 64;  // run_row_major from here (64 rows: 21 vs 24 ms for the 120)
+constexpr int64_t kKc = 8;                // K blocks per panel
+constexpr int64_t kMcTiles = 16;          // M tiles per C block
+constexpr int64_t kNcBlocks = 16;         // weight blocks per C block (even)
 
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
@@ -147,6 +163,115 @@ void write_rows(const float* cbuf, int G, int64_t mt0, int64_t M, int64_t N, int
   }
 }
 
+// wp[kb][k][n] = pair (w[n, 32 kb + 2k], w[n, 32 kb + 2k + 1]) for the 16 rows of one weight block
+void pack_weight_block(const uint16_t* w, int64_t K, uint32_t* wp) {
+  const int64_t KB = K / 32, pairs = K / 2;
+  const uint32_t* w32 = reinterpret_cast<const uint32_t*>(w);
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    __m512i a[16];
+    for (int n = 0; n < 16; ++n) a[n] = _mm512_loadu_si512(w32 + n * pairs + kb * 16);
+    transpose16(a);  // a[k]: k-pair k of the 16 rows
+    for (int k = 0; k < 16; ++k) _mm512_store_si512(wp + kb * 256 + k * 16, a[k]);
+  }
+}
+
+// C for MP M tiles from mt (rows of x, stride K) x two packed weight blocks wa, wb, K blocks
+// [kb0, kb1); c: [2 m][2 n][256] floats, each tile [16 m][16 n].
+template <int MP>
+void row_major_panel(const uint16_t* x, int64_t K, int64_t mt, const uint32_t* wa, const uint32_t* wb,
+                     int64_t kb0, int64_t kb1, float* c) {
+  const uint16_t* x0 = x + mt * 16 * K;
+  const uint16_t* x1 = x0 + 16 * K;
+  if (kb0 == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+    if constexpr (MP > 1) {
+      _tile_zero(2);
+      _tile_zero(3);
+    }
+  } else {
+    _tile_loadd(0, c, 64);
+    _tile_loadd(1, c + 256, 64);
+    if constexpr (MP > 1) {
+      _tile_loadd(2, c + 512, 64);
+      _tile_loadd(3, c + 768, 64);
+    }
+  }
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    _tile_loadd(4, x0 + kb * 32, K * 2);
+    _tile_loadd(6, wa + kb * 256, 64);
+    _tile_loadd(7, wb + kb * 256, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (MP > 1) {
+      _tile_loadd(5, x1 + kb * 32, K * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  if constexpr (MP > 1) {
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+// out[m0 + i, n0 + j] = c[j / 16][i][j % 16] + bias[n0 + j], rounded to bfloat16, for the two C tiles of
+// a weight-block pair: each output row's 32 values are one cache line, stored at once (two half-line
+// stores per row ran 1.2x slower for SmolLM2's gate_up: its 6 KB rows map to two L1 sets).
+void write_row_major(const float* c, int64_t m0, int64_t N, int64_t n0, const float* bias, uint16_t* out) {
+  const __m512 b0 = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = bias ? _mm512_loadu_ps(bias + n0 + 16) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i) {
+    const __m512 v0 = _mm512_add_ps(_mm512_load_ps(c + i * 16), b0);
+    const __m512 v1 = _mm512_add_ps(_mm512_load_ps(c + 256 + i * 16), b1);
+    _mm512_storeu_si512(out + (m0 + i) * N + n0, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+  }
+}
+
+// The first MT whole M tiles of x (row stride K), N % 32 == 0. Threads split pairs of weight blocks
+// and pack theirs once. The parameters were measured on the AMX VM of RESULTS.md: kKc 4-48,
+// kMcTiles 8-64 and kNcBlocks 8-16 all within 10%; prefetching x's next K block into L1: no gain.
+void run_row_major(const uint16_t* w, const uint16_t* x, const float* bias, int64_t K, int64_t N,
+                   int64_t MT, uint16_t* out) {
+  const int64_t KB = K / 32, NP = N / 32, block_words = KB * 256;
+  at::parallel_for(0, NP, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t blocks = 2 * (p1 - p0);
+    std::unique_ptr<uint32_t, decltype(&std::free)> wp(
+        static_cast<uint32_t*>(std::aligned_alloc(64, blocks * block_words * 4)), &std::free);
+    for (int64_t b = 0; b < blocks; ++b)
+      pack_weight_block(w + (2 * p0 + b) * 16 * K, K, wp.get() + b * block_words);
+    const int64_t pairs_per_c = kNcBlocks / 2;
+    std::unique_ptr<float, decltype(&std::free)> cblock(
+        static_cast<float*>(std::aligned_alloc(64, pairs_per_c * kMcTiles * 512 * sizeof(float))), &std::free);
+    configure_tiles(16);
+    for (int64_t mc = 0; mc < MT; mc += kMcTiles) {
+      const int64_t mc_end = std::min(MT, mc + kMcTiles), mcn = mc_end - mc;
+      for (int64_t pc = p0; pc < p1; pc += pairs_per_c) {
+        const int64_t pc_end = std::min(p1, pc + pairs_per_c);
+        for (int64_t kb0 = 0; kb0 < KB; kb0 += kKc) {
+          const int64_t kb1 = std::min(KB, kb0 + kKc);
+          for (int64_t p = pc; p < pc_end; ++p) {
+            const uint32_t* wa = wp.get() + 2 * (p - p0) * block_words;
+            float* c = cblock.get() + (p - pc) * mcn * 512;
+            for (int64_t mt = mc; mt < mc_end; mt += 2) {
+              if (mt + 1 < mc_end) row_major_panel<2>(x, K, mt, wa, wa + block_words, kb0, kb1, c + (mt - mc) * 512);
+              else row_major_panel<1>(x, K, mt, wa, wa + block_words, kb0, kb1, c + (mt - mc) * 512);
+            }
+          }
+        }
+        for (int64_t p = pc; p < pc_end; ++p)
+          for (int64_t mt = mc; mt < mc_end; ++mt) {
+            const float* t = cblock.get() + (p - pc) * mcn * 512 + (mt - mc) * 512;
+            write_row_major(t, mt * 16, N, 32 * p, bias, out);
+          }
+      }
+    }
+    _tile_release();
+  });
+}
+
 void run(const uint16_t* w, const uint32_t* xp, const float* bias, int64_t M, int64_t K, int64_t N,
          int64_t MT, uint16_t* out) {
   const int64_t KB = K / 32, NB = (N + 15) / 16;
@@ -154,8 +279,8 @@ void run(const uint16_t* w, const uint32_t* xp, const float* bias, int64_t M, in
     alignas(64) float cbuf[4 * 256];
     int rows = 16;
     configure_tiles(rows);
-    for (int64_t mc = 0; mc < MT; mc += kChunkTiles) {
-      const int64_t mc_end = std::min(MT, mc + kChunkTiles);
+    for (int64_t mc = 0; mc < MT; mc += kMcTiles) {  // a chunk of xp stays in L2 while w streams
+      const int64_t mc_end = std::min(MT, mc + kMcTiles);
       for (int64_t nb = nb0; nb < nb1; ++nb) {
         const int n_rows = static_cast<int>(std::min<int64_t>(16, N - nb * 16));
         if (n_rows != rows) configure_tiles(rows = n_rows);
@@ -191,16 +316,27 @@ bool amx_available() {
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor* bias) {
   TORCH_CHECK(amx_linear_supported(x, w), "amx_linear: bfloat16 x [M, K], w [N, K], K % 32 == 0, AMX");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), MT = (M + 15) / 16;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(!bias || bias->numel() == N, "amx_linear: bias of ", N, " values expected");
-  at::Tensor xp = at::empty({K / 32 * MT * 256}, x.options().dtype(at::kInt));
-  pack_input(reinterpret_cast<const uint32_t*>(xc.data_ptr()), M, K, MT,
-             reinterpret_cast<uint32_t*>(xp.data_ptr()));
   at::Tensor b;
   if (bias) b = bias->to(x.scalar_type()).to(at::kFloat).contiguous();  // as the gemv loop rounds it
   at::Tensor out = at::empty({M, N}, x.options());
-  run(reinterpret_cast<const uint16_t*>(wc.data_ptr()), reinterpret_cast<const uint32_t*>(xp.data_ptr()),
-      bias ? b.data_ptr<float>() : nullptr, M, K, N, MT, reinterpret_cast<uint16_t*>(out.data_ptr()));
+  const float* bp = bias ? b.data_ptr<float>() : nullptr;
+  const auto* wr = reinterpret_cast<const uint16_t*>(wc.data_ptr());
+  const auto* xr = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  int64_t done = 0;  // rows computed by the row-major path (whole M tiles)
+  if (M >= kRowMajorMinRows && N % 32 == 0) {
+    run_row_major(wr, xr, bp, K, N, M / 16, op);
+    done = M / 16 * 16;
+  }
+  if (done < M) {  // the rest (a decode batch, or the last rows of a prefill) as C^T
+    const int64_t rest = M - done, RT = (rest + 15) / 16;
+    at::Tensor xp = at::empty({K / 32 * RT * 256}, x.options().dtype(at::kInt));
+    pack_input(reinterpret_cast<const uint32_t*>(xr + done * K), rest, K, RT,
+               reinterpret_cast<uint32_t*>(xp.data_ptr()));
+    run(wr, reinterpret_cast<const uint32_t*>(xp.data_ptr()), bp, rest, K, N, RT, op + done * N);
+  }
   return out;
 }
 
