@@ -119,7 +119,9 @@ void pack_input(const uint32_t* x, int64_t M, int64_t K, int64_t MT, uint32_t* x
 // C^T for G (1-4) M tiles from mt0, over all of K, stored to cbuf [G][16 n][16 m]. Tiles are not
 // renamed: the weight rows alternate between tiles 4 and 5 so the next K block's load overlaps this
 // block's products (SmolLM2's batch-64 linears: 1.05x oneDNN's time with one tile, 0.77x with two),
-// and the input tiles between 6 and 7.
+// and the input tiles between 6 and 7. No software prefetch: fetching the next block's rows into L1
+// (32 lines per two K blocks) held SmolLM2's 1-row linears to 15-16 GB/s of weights on the AMX VM of
+// RESULTS.md (2026-12-08); the hardware prefetchers alone stream 20-22 GB/s (torch.sum: 22-25).
 template <int G>
 void tile_block(const uint16_t* w, int64_t w_stride, const uint32_t* xp, int64_t MT, int64_t mt0,
                 int64_t KB, float* cbuf) {
@@ -129,11 +131,6 @@ void tile_block(const uint16_t* w, int64_t w_stride, const uint32_t* xp, int64_t
   if constexpr (G > 3) _tile_zero(3);
   int64_t kb = 0;
   for (; kb + 2 <= KB; kb += 2) {
-    // The next 16 weight rows are one contiguous run of 32 * KB cache lines: fetch 32 of them per
-    // pair of K blocks, one sequential stream while this block computes (no slower in the runs
-    // measured: 21.7-22.4 ms for the batch-64 linears in 12 runs, 21.7-22.7 without it).
-    const char* next = reinterpret_cast<const char*>(w) + 16 * w_stride + kb * 1024;
-    for (int i = 0; i < 32; ++i) _mm_prefetch(next + i * 64, _MM_HINT_T0);
     RESEARCH_RT_TILE_STEP(4, w + kb * 32, w_stride, xp + (kb * MT + mt0) * 256);
     RESEARCH_RT_TILE_STEP(5, w + kb * 32 + 32, w_stride, xp + ((kb + 1) * MT + mt0) * 256);
   }
