@@ -76,10 +76,11 @@ void configure_tiles(int n_rows) {
 }
 
 // xp tile (kb, mt) = 16 k-pairs x 16 rows of 32-bit pairs, a transpose of x's block; rows past M
-// are zeros.
+// are zeros. A decode batch's few tiles pack on the calling thread: a parallel region costs more
+// than the microseconds they take.
 void pack_input(const uint32_t* x, int64_t M, int64_t K, int64_t MT, uint32_t* xp) {
   const int64_t KB = K / 32, pairs = K / 2;
-  at::parallel_for(0, KB, 8, [&](int64_t kb0, int64_t kb1) {
+  at::parallel_for(0, KB, MT <= 4 ? KB : 8, [&](int64_t kb0, int64_t kb1) {
     for (int64_t kb = kb0; kb < kb1; ++kb) {
       for (int64_t mt = 0; mt < MT; ++mt) {
         __m512i a[16];
