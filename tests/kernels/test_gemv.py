@@ -137,7 +137,7 @@ def test_eager_linears_keep_batch_1_bits():
 @pytest.mark.skipif(op is None or not amx_linear_available(), reason="no AMX tiles here")
 @pytest.mark.parametrize("k,n", [(576, 3072), (1536, 576), (320, 64), (96, 48), (320, 100)])
 def test_amx_prefill_rows_keep_batch_1_bits(k, n):
-    """From 64 rows the AMX kernel runs a cache-blocked GEMM with row-major C (C blocks of 256 x 256,
+    """From 128 rows the AMX kernel runs a cache-blocked GEMM with row-major C (C blocks of 256 x 256,
     K panels of 256 values, the weight packed per call; kernels/csrc/amx_linear.cpp) and sends the
     rows past the last whole tile of 16, and weights whose N is no multiple of 32, through the decode
     loop: every row keeps batch 1's bits, wherever the blocks and panels cut, and is near the exact
@@ -148,7 +148,7 @@ def test_amx_prefill_rows_keep_batch_1_bits(k, n):
     w, b = torch.randn(n, k, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
     for bias in (b, None):
         alone = torch.cat([amx(x[i : i + 1], w, bias) for i in range(529)])
-        for rows in (64, 80, 255, 256, 257, 300, 529):
+        for rows in (64, 127, 128, 144, 255, 256, 257, 300, 529):
             got = amx(x[:rows], w, bias)
             assert torch.equal(got.view(torch.int16), alone[:rows].view(torch.int16)), (rows, bias is None)
     exact = x.double() @ w.double().t()
